@@ -1,0 +1,17 @@
+"""Where hidden states are computed: CUDA when present (or asked for), else the CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from moemerge.errors import MoemergeError
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MoemergeError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    if choice not in ("cpu", "cuda"):
+        raise MoemergeError(f"--device {choice!r}: use auto, cpu or cuda")
+    return torch.device(choice)

@@ -1,0 +1,60 @@
+"""Expert MLP tensors: a fine-tuned model's own, or the base's plus a LoRA delta; then noise and residual scale."""
+
+from __future__ import annotations
+
+import torch
+
+from moemerge.arch import MLP_PROJECTIONS, mlp_tensor
+from moemerge.errors import MoemergeError
+from moemerge.lora import LoraAdapter
+from moemerge.recipe import ExpertSpec
+from moemerge.sources import ModelSource
+
+
+class Expert:
+    """Produces one expert's MLP weights, one tensor at a time, in the output dtype."""
+
+    def __init__(
+        self, index: int, spec: ExpertSpec, model: ModelSource, adapter: LoraAdapter | None, seed: int
+    ) -> None:
+        self.index = index
+        self.spec = spec
+        self.model = model
+        self.adapter = adapter
+        self.seed = seed
+
+    def check(self, base: ModelSource, num_layers: int) -> None:
+        """Every MLP weight must exist with the base's shape; the message names the tensor that does not."""
+        label = f"experts[{self.index}]"
+        for layer in range(num_layers):
+            for projection in MLP_PROJECTIONS:
+                name = mlp_tensor(layer, projection)
+                want, got = base.tensors.shape(name), self.model.tensors.shape(name)
+                if want != got:
+                    raise MoemergeError(f"{label}: tensor {name} is {list(got)} but the base's is {list(want)}")
+        if self.adapter is not None:
+            for module in self.adapter.modules_beyond(num_layers):
+                raise MoemergeError(f"{label}: adapter adapts {module}, beyond the base's {num_layers} layers")
+            self.adapter.check_shapes(self.model.tensors.shape)
+
+    def _noise_seed(self, layer: int, projection: int) -> int:
+        # One seed per tensor, so the noise does not depend on the order tensors are written in.
+        return (self.seed * 1_000_003 + self.index * 10_007 + layer * 31 + projection) % (2**63)
+
+    def tensor(self, layer: int, projection: str, dtype: torch.dtype) -> torch.Tensor:
+        name = mlp_tensor(layer, projection)
+        weight = self.model.tensors.load(name)
+        delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
+        noise, residual = self.spec.noise_scale, self.spec.residual_scale
+        scaled = projection == "down_proj" and residual is not None and residual != 1.0
+        if delta is None and not noise and not scaled:
+            return weight.to(dtype)
+        work = weight.float()
+        if delta is not None:
+            work += delta
+        if noise:
+            generator = torch.Generator().manual_seed(self._noise_seed(layer, MLP_PROJECTIONS.index(projection)))
+            work += torch.randn(work.shape, generator=generator) * noise
+        if scaled:
+            work *= residual
+        return work.to(dtype)

@@ -1,0 +1,121 @@
+"""PEFT LoRA adapters: the delta `scale · B @ A` each adapted MLP weight receives."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moemerge.arch import MLP_PROJECTIONS
+from moemerge.errors import MoemergeError
+from moemerge.sources import TensorStore
+
+_KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern: a key matches a module name or a dotted suffix of it (a regex)."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+class LoraAdapter:
+    """One adapter folder; deltas are computed per weight, on demand, in float32."""
+
+    def __init__(self, path: Path, label: str, allow_pickle: bool = False) -> None:
+        self.path = path
+        self.label = label
+        config_file = path / "adapter_config.json"
+        try:
+            self.config: dict = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MoemergeError(f"{config_file}: unreadable adapter config ({exc.__class__.__name__})") from None
+        peft_type = self.config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise MoemergeError(f"{config_file}: peft_type {peft_type} is not supported; only LoRA adapters are")
+        if self.config.get("use_dora"):
+            raise MoemergeError(f"{config_file}: DoRA adapters are not supported; merge them with PEFT first")
+        self.weights = _adapter_weights(path, label, allow_pickle)
+        self._pairs = self._read_pairs()
+        mlp = [m for m in self._pairs if m.rsplit(".", 1)[-1] in MLP_PROJECTIONS]
+        if not mlp:
+            raise MoemergeError(
+                f"{label}: adapter {path} adapts no MLP weight (gate_proj/up_proj/down_proj); an expert's "
+                "knowledge must live in its MLP"
+            )
+        self.ignored = sorted(set(self._pairs) - set(mlp))
+
+    def _read_pairs(self) -> dict[str, tuple[str, str]]:
+        pairs: dict[str, dict[str, str]] = {}
+        for name in self.weights.names():
+            match = _KEY.fullmatch(name)
+            if match:
+                pairs.setdefault(match.group(1), {})[match.group(2)] = name
+        incomplete = [m for m, p in pairs.items() if len(p) != 2]
+        if incomplete:
+            raise MoemergeError(f"{self.label}: adapter {self.path} has lora_A without lora_B for {incomplete[0]}")
+        if not pairs:
+            raise MoemergeError(f"{self.label}: adapter {self.path} holds no lora_A/lora_B tensors")
+        return {module: (p["A"], p["B"]) for module, p in pairs.items()}
+
+    def scale(self, module: str) -> float:
+        """alpha/r, or alpha/sqrt(r) for rsLoRA, with per-module rank and alpha patterns."""
+        rank = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
+        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+    def modules_beyond(self, num_layers: int) -> list[str]:
+        """Adapted modules in layers the base does not have: a sign of an adapter for another model."""
+        found = [re.search(r"layers\.(\d+)\.", module) for module in self._pairs]
+        return [m.string for m in found if m and int(m.group(1)) >= num_layers]
+
+    def check_shapes(self, shape_of: Callable[[str], tuple[int, ...]]) -> None:
+        """Compare every adapted MLP weight's delta shape with the model's, from headers alone."""
+        for module in self._pairs:
+            if module.rsplit(".", 1)[-1] not in MLP_PROJECTIONS:
+                continue
+            a_name, b_name = self._pairs[module]
+            rows, cols = self.weights.shape(b_name)[0], self.weights.shape(a_name)[-1]
+            want = shape_of(f"{module}.weight")
+            if {(rows, cols), (cols, rows)}.isdisjoint({tuple(want)}):
+                raise MoemergeError(
+                    f"{self.label}: adapter delta for {module}.weight is {[rows, cols]} but the model's weight is "
+                    f"{list(want)}; was this adapter trained on another base model?"
+                )
+
+    def delta(self, weight_name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The float32 delta for the base weight `weight_name` of `shape`, or None if it is not adapted."""
+        module = weight_name.removesuffix(".weight")
+        if module not in self._pairs:
+            return None
+        a_name, b_name = self._pairs[module]
+        lora_a = self.weights.load(a_name).float()
+        lora_b = self.weights.load(b_name).float()
+        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
+            raise MoemergeError(f"{self.label}: adapter tensors {a_name} / {b_name} have incompatible shapes")
+        delta = lora_b @ lora_a
+        if self.config.get("fan_in_fan_out"):
+            delta = delta.T
+        if tuple(delta.shape) != shape and tuple(delta.T.shape) == shape:
+            # PEFT resets fan_in_fan_out for nn.Linear targets; honour the layout the weights really have.
+            delta = delta.T
+        if tuple(delta.shape) != shape:
+            raise MoemergeError(
+                f"{self.label}: adapter delta for {weight_name} is {list(delta.shape)} but the model's weight is "
+                f"{list(shape)}; was this adapter trained on another base model?"
+            )
+        return delta * self.scale(module)
+
+
+def _adapter_weights(path: Path, label: str, allow_pickle: bool) -> TensorStore:
+    """An adapter's tensors: safetensors preferred, a pickled .bin only when the user allowed it."""
+    files = sorted(path.glob("adapter_model*.safetensors")) or sorted(path.glob("adapter_model*.bin"))
+    if not files:
+        raise MoemergeError(f"{label}: adapter {path} has no adapter_model.safetensors")
+    return TensorStore(files, f"{label} (adapter {path})", allow_pickle)

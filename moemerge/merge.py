@@ -1,0 +1,167 @@
+"""The main job: recipe → checked plan → gates → streamed shards in a partial folder → renamed into place."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemerge.arch import check_expert_shape, check_tensor_names, dense_shape
+from moemerge.card import model_card
+from moemerge.device import resolve_device
+from moemerge.errors import MoemergeError
+from moemerge.experts import Expert
+from moemerge.gates.compute import compute_gates
+from moemerge.lora import LoraAdapter
+from moemerge.mixtral import mixtral_config
+from moemerge.plan import build_plan
+from moemerge.progress import Progress, Silent
+from moemerge.recipe import DTYPE_ALIASES, Recipe, load_recipe
+from moemerge.sources import ModelSource, resolve_reference
+from moemerge.staging import check_output, staged_output
+from moemerge.writer import write_json, write_shards
+
+log = logging.getLogger("moemerge")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+RECIPE_COPY = "moemerge_recipe.yaml"
+MANIFEST = "moemerge.json"
+
+
+@dataclass
+class MergeOptions:
+    """Command-line switches, the same for the CLI and the Python API."""
+
+    device: str = "auto"
+    dtype: str | None = None
+    seed: int = 0
+    shard_size: int = 5_000_000_000
+    force: bool = False
+    allow_pickle: bool = False
+    batch_size: int = 16
+
+
+@dataclass
+class MergeSummary:
+    """What was written, for the closing summary."""
+
+    out: Path
+    experts: list[str]
+    layers: int
+    total_params: int
+    active_params: int
+    bytes_written: int
+    seconds: float
+
+
+def _output_dtype(options: MergeOptions, recipe: Recipe, base: ModelSource) -> torch.dtype:
+    """--dtype, else the recipe's dtype, else the base's own dtype."""
+    name = options.dtype or recipe.dtype or base.config.get("torch_dtype") or base.config.get("dtype") or "float32"
+    if str(name).lower() not in DTYPE_ALIASES:
+        raise MoemergeError(f"dtype {name!r} is not supported; use bfloat16, float16 or float32")
+    return getattr(torch, DTYPE_ALIASES[str(name).lower()])
+
+
+def _open_experts(recipe: Recipe, recipe_dir: Path, base: ModelSource, options: MergeOptions) -> list[Expert]:
+    """Each expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily."""
+    opened: dict[Path, ModelSource] = {base.path.resolve(): base}
+    experts = []
+    for i, spec in enumerate(recipe.experts):
+        key = f"experts[{i}].source_model"
+        ref = resolve_reference(spec.source_model, key, recipe_dir, base.path)
+        model = opened.get(ref.model.resolve())
+        if model is None:
+            model = ModelSource(ref.model, key, options.allow_pickle)
+            opened[ref.model.resolve()] = model
+        adapter = LoraAdapter(ref.adapter, key, options.allow_pickle) if ref.adapter else None
+        if adapter and adapter.ignored:
+            log.warning(f"{key}: adapter also changes {len(adapter.ignored)} non-MLP modules; only MLPs are used")
+        experts.append(Expert(i, spec, model, adapter, options.seed))
+    return experts
+
+
+def _copy_side_files(base: ModelSource, out: Path) -> None:
+    """Tokenizer, chat template and generation config byte for byte: what the base ships is what we ship."""
+    for name in TOKENIZER_FILES:
+        if (base.path / name).is_file():
+            shutil.copyfile(base.path / name, out / name)
+
+
+def merge(
+    recipe_path: str | Path, out: str | Path, options: MergeOptions | None = None, progress: Progress | None = None
+) -> MergeSummary:
+    """Build the MoE described by `recipe_path` into the folder `out`; nothing appears at `out` on failure."""
+    options = options or MergeOptions()
+    progress = progress or Silent()
+    started = time.perf_counter()
+    recipe_path, out = Path(recipe_path), Path(out)
+    recipe = load_recipe(recipe_path)
+    device = resolve_device(options.device)
+    base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None)
+    base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
+    shape = dense_shape(base)
+    check_tensor_names(base, shape)
+    experts = _open_experts(recipe, recipe_path.parent, base, options)
+    for expert in experts:
+        label = f"experts[{expert.index}]"
+        check_expert_shape(shape, dense_shape(expert.model), label)
+        if expert.model is not base:
+            check_tensor_names(expert.model, shape)
+        expert.check(base, shape.num_layers)
+    check_output(out, options.force, [base.path] + [e.model.path for e in experts])
+    dtype = _output_dtype(options, recipe, base)
+
+    gates: dict[str, torch.Tensor] = {}
+    plan = build_plan(base, experts, shape.num_layers, shape.hidden_size, dtype, lambda layer: gates["rows"][layer])
+    gates["rows"] = compute_gates(
+        recipe, base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
+    )
+
+    total = sum(t.numel for t in plan)
+    per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
+    active = total - per_expert * (len(experts) - recipe.experts_per_token)
+    names = recipe.expert_names()
+    with staged_output(out, options.force) as partial:
+        advance = progress.task("writing shards", sum(t.nbytes for t in plan))
+        index = write_shards(plan, partial, options.shard_size, advance)
+        config = mixtral_config(base.config, len(experts), recipe.experts_per_token, str(dtype).removeprefix("torch."))
+        write_json(partial / "config.json", config)
+        _copy_side_files(base, partial)
+        recipe_text = recipe_path.read_text(encoding="utf-8")
+        (partial / RECIPE_COPY).write_text(recipe_text, encoding="utf-8")
+        write_json(
+            partial / MANIFEST,
+            {
+                "expert_names": names,
+                "gate_mode": recipe.gate_mode,
+                "experts_per_token": recipe.experts_per_token,
+                "seed": options.seed,
+                "recipe": recipe.model_dump(mode="json"),
+            },
+        )
+        stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
+        license_id = base.config.get("license")
+        (partial / "README.md").write_text(model_card(recipe, recipe_text, stats, license_id), encoding="utf-8")
+    return MergeSummary(
+        out,
+        names,
+        shape.num_layers,
+        total,
+        active,
+        int(index["metadata"]["total_size"]),
+        time.perf_counter() - started,
+    )

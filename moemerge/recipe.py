@@ -1,0 +1,181 @@
+"""The recipe: a mergekit-moe compatible YAML file, validated before any tensor is touched."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moemerge.errors import MoemergeError
+
+GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
+DTYPE_ALIASES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+# Keys that belong to later features or other tools: refused with a reason instead of a spelling hint.
+EXPLAINED_KEYS = {
+    "shared_experts": "shared experts need the qwen2_moe output format, which moemerge does not write yet; "
+    "remove shared_experts",
+    "architecture": "moemerge writes Mixtral only for now; remove architecture (mixtral is the default)",
+    "merge_method": "merge_method belongs to mergekit-yaml merges, not to MoE recipes; remove it",
+    "models": "`models` is a mergekit-yaml key; an MoE recipe lists `experts` with `source_model` each",
+}
+
+
+def _as_list(value: Any) -> Any:
+    """Published recipes write a bare string or nothing where a list belongs; both mean the obvious list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+class ExpertSpec(BaseModel):
+    """One expert: a fine-tuned model or a LoRA adapter, and prompts saying what it is good at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_model: str = Field(min_length=1)
+    name: str | None = None
+    positive_prompts: list[str] = []
+    negative_prompts: list[str] = []
+    noise_scale: float | None = Field(default=None, ge=0)
+    residual_scale: float | None = None
+
+    @field_validator("positive_prompts", "negative_prompts", mode="before")
+    @classmethod
+    def _prompts_as_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("source_model", mode="before")
+    @classmethod
+    def _path_as_string(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+
+class Recipe(BaseModel):
+    """A whole merge: base model, experts, and how the routers are set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1)
+    experts: list[ExpertSpec] = Field(min_length=2)
+    gate_mode: GateMode = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = Field(default=2, ge=1)
+    gate_scale: float = Field(default=10.0, gt=0)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _known_dtype(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        key = str(value).lower().removeprefix("torch.")
+        if key not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {value!r}; use bfloat16, float16 or float32")
+        return DTYPE_ALIASES[key]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"experts_per_token is {self.experts_per_token} but the recipe has only "
+                f"{len(self.experts)} experts; lower experts_per_token"
+            )
+        if self.gate_mode in ("hidden", "cheap_embed"):
+            for i, expert in enumerate(self.experts):
+                if not [p for p in expert.positive_prompts if p.strip()]:
+                    raise ValueError(
+                        f"experts[{i}].positive_prompts is empty, but gate_mode {self.gate_mode} builds each "
+                        "router from its expert's prompts; add prompts or use gate_mode: random"
+                    )
+            seen: dict[tuple[str, ...], int] = {}
+            for i, expert in enumerate(self.experts):
+                key = tuple(sorted(expert.positive_prompts)) + ("\0",) + tuple(sorted(expert.negative_prompts))
+                if key in seen:
+                    raise ValueError(
+                        f"experts[{seen[key]}] and experts[{i}] have identical prompts, so their routers would "
+                        "be identical; give each expert prompts of its own"
+                    )
+                seen[key] = i
+        return self
+
+    def expert_names(self) -> list[str]:
+        """Names for reports: the recipe's `name`, else the source's folder name, made unique."""
+        names: list[str] = []
+        for i, expert in enumerate(self.experts):
+            name = expert.name or Path(expert.source_model.split("+")[-1].rstrip("/")).name or f"expert{i}"
+            names.append(name if name not in names else f"{name}-{i}")
+        return names
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """('experts', 2, 'source_model') -> 'experts[2].source_model', the way users read their YAML."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
+    model = ExpertSpec if "experts" in loc else Recipe
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    path = _key_path(loc)
+    if error["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        if key in EXPLAINED_KEYS:
+            return f"{path}: {EXPLAINED_KEYS[key]}"
+        close = difflib.get_close_matches(key, _valid_keys(loc[:-1]), n=1, cutoff=0.5)
+        hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(_valid_keys(loc[:-1]))}"
+        return f"{path}: unknown key{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "literal_error" and loc[-1] == "gate_mode":
+        message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random or uniform_random"
+    return f"{path}: {message}" if path else message
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate already-parsed YAML; every problem is reported with its key path."""
+    if not isinstance(data, dict):
+        raise MoemergeError(f"{source}: the recipe must be a YAML mapping with base_model and experts")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+        raise MoemergeError(f"{source}: {_describe(first)}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; YAML anchors and indentless lists are plain YAML and just work."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoemergeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MoemergeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MoemergeError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    return parse_recipe(data, str(path))

@@ -1,0 +1,152 @@
+"""A model reference in a recipe → a local folder with lazy, one-tensor-at-a-time access to its weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moemerge.errors import MoemergeError
+from moemerge.safetensors_header import TensorInfo, read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a recipe's model string points at: a model folder, optionally with a LoRA adapter on top."""
+
+    model: Path
+    adapter: Path | None = None
+
+
+def _find(text: str, recipe_dir: Path) -> Path | None:
+    """Paths are tried as written (relative to the working directory, as mergekit does), then next to the recipe."""
+    for candidate in (Path(text).expanduser(), recipe_dir / text):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def resolve_reference(text: str, key: str, recipe_dir: Path, base: Path | None) -> Reference:
+    """Turn `path`, `adapter_dir` (applied to the base) or mergekit's `model+adapter` into folders."""
+    found = _find(text, recipe_dir)
+    if found is None and "+" in text:
+        model_text, adapter_text = text.rsplit("+", 1)
+        model = resolve_reference(model_text, key, recipe_dir, base)
+        adapter = _find(adapter_text, recipe_dir)
+        if adapter is None:
+            raise MoemergeError(f"{key}: adapter {adapter_text!r} not found")
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise MoemergeError(f"{key}: {adapter} has no {ADAPTER_CONFIG}; the part after '+' must be a LoRA adapter")
+        return Reference(model.model, adapter)
+    if found is None:
+        raise MoemergeError(
+            f"{key}: {text!r} not found (looked in the working directory and next to the recipe); "
+            "give a local model folder"
+        )
+    if not found.is_dir():
+        raise MoemergeError(f"{key}: {found} is a file; give the model's folder (with config.json and weights)")
+    if (found / ADAPTER_CONFIG).is_file():
+        if base is None:
+            raise MoemergeError(f"{key}: {found} is a LoRA adapter; base_model must be a full model")
+        return Reference(base, found)
+    return Reference(found)
+
+
+class TensorStore:
+    """Tensors spread over weight files, read lazily: only the tensor asked for is ever resident."""
+
+    def __init__(self, files: list[Path], label: str, allow_pickle: bool) -> None:
+        self.label = label
+        self._infos: dict[str, TensorInfo] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        if files[0].suffix == ".safetensors":
+            for file in files:
+                self._infos.update(read_header(file))
+        elif allow_pickle:
+            for file in files:
+                self._pickled.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        else:
+            raise MoemergeError(
+                f"{label}: {files[0].parent} has only pickled .bin weights, which can run code when loaded; "
+                "convert them to safetensors or pass --allow-pickle if you trust the source"
+            )
+
+    def names(self) -> list[str]:
+        return list(self._infos or self._pickled)
+
+    def has(self, name: str) -> bool:
+        return name in self._infos or name in self._pickled
+
+    def _missing(self, name: str) -> MoemergeError:
+        return MoemergeError(f"{self.label}: tensor {name} is missing")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._infos:
+            return self._infos[name].shape
+        if name in self._pickled:
+            return tuple(self._pickled[name].shape)
+        raise self._missing(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self._infos:
+            return self._infos[name].dtype
+        if name in self._pickled:
+            return self._pickled[name].dtype
+        raise self._missing(name)
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor into fresh memory, straight from its byte range in the file."""
+        if name in self._pickled:
+            return self._pickled[name].clone()
+        if name not in self._infos:
+            raise self._missing(name)
+        info = self._infos[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        with info.file.open("rb") as handle:
+            handle.seek(info.start)
+            if handle.readinto(buffer.numpy()) != info.nbytes:
+                raise MoemergeError(f"{info.file}: tensor {name} is truncated")
+        return buffer.view(info.dtype).reshape(info.shape)
+
+
+class ModelSource:
+    """One local model folder: its config.json and its lazily read tensors."""
+
+    def __init__(self, path: Path, label: str, allow_pickle: bool = False) -> None:
+        self.path = path
+        self.label = label
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise MoemergeError(f"{label}: {path} has no config.json; is it a Hugging Face model folder?")
+        try:
+            self.config: dict = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MoemergeError(f"{config_file}: not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(self.config, dict):
+            raise MoemergeError(f"{config_file}: not a JSON object")
+        self.tensors = TensorStore(self._weight_files(), label, allow_pickle)
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                    files = [self.path / name for name in sorted(set(weight_map.values()))]
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise MoemergeError(f"{index}: corrupt index (no weight_map)") from None
+                missing = [f.name for f in files if not f.is_file()]
+                if missing:
+                    raise MoemergeError(f"{index}: lists shard {missing[0]}, which is missing from {self.path}")
+                return files
+        for pattern in ("*.safetensors", "pytorch_model*.bin"):
+            files = sorted(self.path.glob(pattern))
+            if files:
+                return files
+        raise MoemergeError(f"{self.label}: {self.path} holds no .safetensors weights")

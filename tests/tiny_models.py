@@ -1,0 +1,113 @@
+"""Tiny random Llama/Mistral models, experts and adapters written to disk, the way users' folders look."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ",", "?", "0", "1"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that adds BOS, as Llama's does."""
+    vocab = {token: i for i, token in enumerate(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | MistralConfig:
+    sizes = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    sizes.update(overrides)
+    return MistralConfig(**sizes) if family == "mistral" else LlamaConfig(**sizes)
+
+
+def save_model(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """save_pretrained plus our tokenizer: a folder like one downloaded from the Hub."""
+    model.to(dtype).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_base(path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = (MistralForCausalLM if family == "mistral" else LlamaForCausalLM)(config)
+    with torch.no_grad():  # random init gives tiny norms weights of 1; vary them so copies are checkable
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return save_model(model, path)
+
+
+def make_expert(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
+    """A 'fine-tune' of the base: its MLP weights perturbed, everything else unchanged."""
+    model = LlamaForCausalLM.from_pretrained(base) if "llama" in _arch(base) else MistralForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp." in name:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return save_model(model, path)
+
+
+def _arch(path: Path) -> str:
+    return json.loads((path / "config.json").read_text())["architectures"][0].lower()
+
+
+def make_lora(
+    base: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8, targets=("gate_proj", "up_proj", "down_proj"),
+    **config_extra,
+) -> dict[str, torch.Tensor]:
+    """A PEFT-format adapter with random A and B; returns its tensors keyed as PEFT saves them."""
+    config = json.loads((base / "config.json").read_text())
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+              "q_proj": (hidden, hidden)}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for target in targets:
+            out_features, in_features = shapes[target]
+            kind = "mlp" if target.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{kind}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                      "fan_in_fan_out": False, "base_model_name_or_path": str(base), **config_extra}
+    (path / "adapter_config.json").write_text(json.dumps(adapter_config))
+    return tensors
+
+
+def write_recipe(path: Path, base: Path, experts: list, **fields) -> Path:
+    """experts: list of source strings or dicts; prompts default to distinct letters."""
+    entries = []
+    for i, expert in enumerate(experts):
+        entry = {"source_model": str(expert)} if not isinstance(expert, dict) else dict(expert)
+        entry.setdefault("positive_prompts", [f"{'abcdefgh'[i] * 6} {'stuvwxyz'[i] * 4}"])
+        entries.append(entry)
+    recipe = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts": entries, **fields}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
