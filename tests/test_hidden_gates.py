@@ -1,0 +1,85 @@
+"""Hidden-state gates: they are built from the tensor the router really sees, and they route prompts home."""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from tiny_models import make_base, make_expert, tiny_tokenizer, write_recipe
+from transformers import AutoModelForCausalLM
+
+from moemerge import MergeOptions, merge
+from moemerge.router_inputs import pad_ready, pooled_router_inputs
+
+PROMPTS = [
+    ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],
+    ["xxxx yyyy zzzz", "zyx xyz zzzz yy", "yyy xxx zyzyz"],
+    ["0101 1010 0", "11 00 1 0 1 01", "1.0, 0.1, 1?"],
+]
+
+
+def _gate_rows(out, layers: int) -> torch.Tensor:
+    index = out / "model-00001-of-00001.safetensors"
+    with safe_open(str(index), "pt") as handle:
+        return torch.stack([handle.get_tensor(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(layers)])
+
+
+def test_captured_tensor_is_the_router_input(tmp_path):
+    """Router inputs recorded inside the merged Mixtral equal what moemerge pools from the dense base."""
+    base = make_base(tmp_path / "base")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [base, base], experts_per_token=1)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    dense = AutoModelForCausalLM.from_pretrained(base).eval()
+    tokenizer = pad_ready(tiny_tokenizer())
+    prompts = ["abc def", "zz yy xx ww vv", "q"]
+
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, inputs, _o, i=i: seen.__setitem__(i, inputs[0]))
+        for i, layer in enumerate(moe.model.layers)
+    ]
+    for p, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            moe(**ids)
+        expected = pooled_router_inputs(dense, tokenizer, [prompt])
+        for layer, router_input in seen.items():
+            tokens = router_input.reshape(ids["input_ids"].shape[1], -1)[1:]  # drop BOS, as the gate pools
+            torch.testing.assert_close(tokens.mean(dim=0), expected[layer, 0], atol=1e-5, rtol=1e-5)
+        assert len(seen) == len(moe.model.layers), p
+    for hook in hooks:
+        hook.remove()
+
+
+def test_padding_does_not_change_pooled_inputs(tmp_path):
+    """A prompt pooled alone or in a padded batch with longer prompts gives the same vector."""
+    base = make_base(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    tokenizer = pad_ready(tiny_tokenizer())
+    alone = pooled_router_inputs(model, tokenizer, ["ab"])
+    batched = pooled_router_inputs(model, tokenizer, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
+    torch.testing.assert_close(alone[:, 0], batched[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_own_prompts_score_highest_on_own_gate(tmp_path):
+    base = make_base(tmp_path / "base", num_hidden_layers=4)
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    specs = [{"source_model": str(e), "positive_prompts": p} for e, p in zip(experts, PROMPTS, strict=True)]
+    recipe = write_recipe(tmp_path / "r.yaml", base, specs, experts_per_token=1)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    rows = _gate_rows(tmp_path / "out", 4)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    pooled = pooled_router_inputs(model, pad_ready(tiny_tokenizer()), [p for group in PROMPTS for p in group])
+    labels = torch.tensor([e for e, group in enumerate(PROMPTS) for _ in group])
+    logits = torch.einsum("leh,lph->lpe", rows, pooled)
+    correct_per_layer = (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+    assert (correct_per_layer >= 2 / 3).sum() >= 3, correct_per_layer
+
+
+def test_negative_prompts_move_the_gate(tmp_path):
+    base = make_base(tmp_path / "base")
+    specs = [{"source_model": str(base), "positive_prompts": p} for p in PROMPTS[:2]]
+    merge(write_recipe(tmp_path / "a.yaml", base, specs), tmp_path / "a")
+    specs[0]["negative_prompts"] = PROMPTS[2]
+    merge(write_recipe(tmp_path / "b.yaml", base, specs), tmp_path / "b")
+    assert not torch.allclose(_gate_rows(tmp_path / "a", 3), _gate_rows(tmp_path / "b", 3))
