@@ -15,17 +15,16 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
 from build_base import DEFAULT_OUT, build_base
 from domains import DOMAINS, domain_texts
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 HERE = Path(__file__).resolve().parent
 ADAPTERS_DIR = HERE / "adapters"
 BASE_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ["gate_proj", "up_proj", "down_proj"]
-SAVE_DTYPE = torch.bfloat16
+SAVE_DTYPE = torch.float16  # more mantissa than bfloat16; LoRA weights are small, so range is no issue
 EVAL_TEXTS = 20
 EVAL_MAX_TOKENS = 256
 
@@ -110,18 +109,19 @@ def train_adapter(
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """Save in PEFT folder format with half-precision weights and the Hub id as base."""
+    """Save in PEFT folder format with half-precision weights and the Hub id as base.
+
+    The Hub id is written into adapter_config.json after saving: set before,
+    PEFT would try to reach the Hub to check the vocabulary, and we are offline.
+    """
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data = param.data.to(SAVE_DTYPE)
-    model.peft_config["default"].base_model_name_or_path = BASE_REPO_ID
     model.save_pretrained(out_dir)
-    # Belt and braces: PEFT may fill this from the local path on some versions.
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("base_model_name_or_path") != BASE_REPO_ID:
-        cfg["base_model_name_or_path"] = BASE_REPO_ID
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    cfg["base_model_name_or_path"] = BASE_REPO_ID
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def dir_size_mb(path: Path) -> float:
@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=192)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--base", type=Path, default=DEFAULT_OUT, help="base model folder (built if missing)")
     parser.add_argument("--out", type=Path, default=ADAPTERS_DIR, help="adapters go to OUT/<domain>")

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import transformers
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
+from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
+from moemerge.evaluate import evaluate
 from moemerge.merge import MergeOptions, MergeSummary, merge
+from moemerge.prompts import read_dataset_csv, read_prompt_file
+from moemerge.routing import load_moe, route
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build a Mixtral MoE from a base model and experts.")
 err = Console(stderr=True)
@@ -37,7 +44,9 @@ def _print_summary(summary: MergeSummary) -> None:
     err.print(
         f"[green]wrote[/green] {summary.out}: {len(summary.experts)} experts ({', '.join(summary.experts)}), "
         f"{summary.layers} layers, {summary.total_params / 1e6:,.1f}M parameters "
-        f"({summary.active_params / 1e6:,.1f}M active), {size:.2f} GB in {summary.seconds:.1f} s"
+        f"({summary.active_params / 1e6:,.1f}M active), {size:.2f} GB in {summary.seconds:.1f} s",
+        soft_wrap=True,
+        highlight=False,
     )
 
 
@@ -64,6 +73,91 @@ def merge_command(
     with Progress(*columns, console=err, transient=True) as bars:
         summary = merge(recipe, out, options, RichBars(bars))
     _print_summary(summary)
+
+
+COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
+
+
+def _layer_strip(layer_shares, names: list[str]) -> str:
+    """One coloured cell per layer: the expert that most tokens of that layer were sent to."""
+    cells = []
+    for shares in layer_shares:
+        top = int(shares.argmax())
+        cells.append(f"[{COLORS[top % len(COLORS)]}]{str(top)[-1]}[/]")
+    return "".join(cells)
+
+
+@app.command("route")
+def route_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts to route.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="More prompts, one per line (or JSONL).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Show which experts each prompt is routed to, per layer, and each expert's share of tokens."""
+    texts = list(prompts or [])
+    if file is not None:
+        if not file.is_file():
+            raise MoemergeError(f"--file {file}: not found")
+        texts += read_prompt_file(file, "--file")
+    if not texts:
+        raise MoemergeError("give prompts to route, or --file prompts.txt")
+    model, tokenizer, names = load_moe(out, resolve_device(device))
+    results = [(text, route(model, tokenizer, text)) for text in texts]
+    if json_output:
+        rows = [
+            {
+                "prompt": text,
+                "tokens": r.logits.shape[1],
+                "shares": dict(zip(names, r.shares().tolist(), strict=True)),
+                "top_expert": names[int(r.shares().argmax())],
+                "layer_top_expert": [names[int(i)] for i in r.layer_shares().argmax(dim=-1)],
+                "layer_shares": r.layer_shares().tolist(),
+            }
+            for text, r in results
+        ]
+        print(json.dumps({"experts": names, "top_k": model.config.num_experts_per_tok, "prompts": rows}, indent=2))
+        return
+    table = Table(title=f"routing (top-{model.config.num_experts_per_tok}); layer strip: most-chosen expert per layer")
+    table.add_column("prompt", max_width=40, overflow="ellipsis", no_wrap=True)
+    table.add_column("layers 0→" + str(model.config.num_hidden_layers - 1))
+    for name in names:
+        table.add_column(name, justify="right")
+    for text, r in results:
+        table.add_row(text.replace("\n", " "), _layer_strip(r.layer_shares(), names), *(f"{v:.2f}" for v in r.shares()))
+    legend = "  ".join(f"[{COLORS[i % len(COLORS)]}]{str(i)[-1]}[/]={name}" for i, name in enumerate(names))
+    console = Console()
+    console.print(table)
+    console.print(f"experts: {legend}; shares are of (layer, token) slots and sum to top-k")
+
+
+@app.command("eval")
+def eval_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    dataset: Annotated[Path, typer.Argument(help="CSV with columns prompt,expert (index or name).")],
+    ppl: Annotated[bool, typer.Option("--ppl", help="Also measure perplexity on each expert's texts.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Routing accuracy per expert and per layer on a labelled CSV (top-1 router choice = the label)."""
+    model, tokenizer, names = load_moe(out, resolve_device(device))
+    if not dataset.is_file():
+        raise MoemergeError(f"{dataset}: not found")
+    result = evaluate(model, tokenizer, names, read_dataset_csv(dataset, names), ppl)
+    table = Table(title=f"routing accuracy on {dataset.name} (top-1 router choice equals the label)")
+    for column in ("expert", "prompts", "tokens", "accuracy", *(["perplexity"] if ppl else [])):
+        table.add_column(column, justify="left" if column == "expert" else "right")
+    for i, name in enumerate(names):
+        cells = [name, str(result.prompts[i]), str(result.tokens[i]), f"{result.accuracy[i]:.3f}"]
+        perplexity = result.perplexity[i] if result.perplexity else None
+        table.add_row(*cells, *([f"{perplexity:.2f}" if perplexity else "—"] if ppl else []))
+    console = Console()
+    console.print(table)
+    strip = " ".join(f"{a:.2f}" for a in result.layer_accuracy)
+    console.print(f"per layer: {strip}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def parse_size(text: str) -> int:
@@ -99,6 +193,7 @@ def main() -> None:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_time=False, show_path=False)],
     )
+    transformers.utils.logging.disable_progress_bar()
     argv = _with_default_verb(sys.argv[1:])
     try:
         app(args=argv, prog_name="moemerge", standalone_mode=False)

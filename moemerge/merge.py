@@ -15,11 +15,12 @@ from moemerge.card import model_card
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.experts import Expert
-from moemerge.gates.compute import compute_gates
+from moemerge.gates.compute import GateContext, compute_gates
 from moemerge.lora import LoraAdapter
 from moemerge.mixtral import mixtral_config
 from moemerge.plan import build_plan
 from moemerge.progress import Progress, Silent
+from moemerge.prompts import gather_prompts
 from moemerge.recipe import DTYPE_ALIASES, Recipe, load_recipe
 from moemerge.sources import ModelSource, resolve_reference
 from moemerge.staging import check_output, staged_output
@@ -40,6 +41,7 @@ TOKENIZER_FILES = (
 )
 RECIPE_COPY = "moemerge_recipe.yaml"
 MANIFEST = "moemerge.json"
+TRAINING_REPORT = "gate_training.json"
 
 
 @dataclass
@@ -124,12 +126,15 @@ def merge(
         expert.check(base, shape.num_layers)
     check_output(out, options.force, [base.path] + [e.model.path for e in experts])
     dtype = _output_dtype(options, recipe, base)
+    prompts = gather_prompts(recipe, recipe_path.parent)
 
     gates: dict[str, torch.Tensor] = {}
     plan = build_plan(base, experts, shape.num_layers, shape.hidden_size, dtype, lambda layer: gates["rows"][layer])
-    gates["rows"] = compute_gates(
-        recipe, base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
+    context = GateContext(
+        base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
     )
+    result = compute_gates(recipe, prompts, context)
+    gates["rows"] = result.rows
 
     total = sum(t.numel for t in plan)
     per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
@@ -153,6 +158,8 @@ def merge(
                 "recipe": recipe.model_dump(mode="json"),
             },
         )
+        if result.report is not None:
+            write_json(partial / TRAINING_REPORT, result.report.as_dict())
         stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
         license_id = base.config.get("license")
         (partial / "README.md").write_text(model_card(recipe, recipe_text, stats, license_id), encoding="utf-8")

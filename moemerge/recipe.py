@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moemerge.errors import MoemergeError
 
-GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
+GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "trained"]
+PROMPT_MODES = ("hidden", "cheap_embed", "trained")
 DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -50,6 +51,8 @@ class ExpertSpec(BaseModel):
     name: str | None = None
     positive_prompts: list[str] = []
     negative_prompts: list[str] = []
+    positive_prompts_file: str | None = None
+    negative_prompts_file: str | None = None
     noise_scale: float | None = Field(default=None, ge=0)
     residual_scale: float | None = None
 
@@ -64,6 +67,21 @@ class ExpertSpec(BaseModel):
         return value.strip() if isinstance(value, str) else value
 
 
+class TrainingSpec(BaseModel):
+    """How `trained` gates are fitted: full-batch AdamW on frozen router inputs, per layer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=300, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=256, ge=4)
+    holdout: float = Field(default=0.2, ge=0, lt=1)
+    seed: int = 0
+    layers: list[int] | None = None
+
+
 class Recipe(BaseModel):
     """A whole merge: base model, experts, and how the routers are set."""
 
@@ -75,6 +93,8 @@ class Recipe(BaseModel):
     dtype: str | None = None
     experts_per_token: int = Field(default=2, ge=1)
     gate_scale: float = Field(default=10.0, gt=0)
+    dataset_csv: str | None = None
+    training: TrainingSpec = TrainingSpec()
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -93,9 +113,11 @@ class Recipe(BaseModel):
                 f"experts_per_token is {self.experts_per_token} but the recipe has only "
                 f"{len(self.experts)} experts; lower experts_per_token"
             )
-        if self.gate_mode in ("hidden", "cheap_embed"):
+        if self.gate_mode == "trained" and not self.dataset_csv:
+            raise ValueError("gate_mode trained needs dataset_csv: a CSV of prompt,expert rows to train on")
+        if self.gate_mode in PROMPT_MODES and not self.dataset_csv:
             for i, expert in enumerate(self.experts):
-                if not [p for p in expert.positive_prompts if p.strip()]:
+                if not [p for p in expert.positive_prompts if p.strip()] and not expert.positive_prompts_file:
                     raise ValueError(
                         f"experts[{i}].positive_prompts is empty, but gate_mode {self.gate_mode} builds each "
                         "router from its expert's prompts; add prompts or use gate_mode: random"
@@ -132,7 +154,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    model = ExpertSpec if "experts" in loc else Recipe
+    model = ExpertSpec if "experts" in loc else TrainingSpec if "training" in loc else Recipe
     return list(model.model_fields)
 
 
@@ -148,7 +170,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: unknown key{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "literal_error" and loc[-1] == "gate_mode":
-        message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random or uniform_random"
+        message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random, uniform_random or trained"
     return f"{path}: {message}" if path else message
 
 

@@ -1,18 +1,17 @@
-"""Capture what each layer's router will see: the post-attention RMSNorm output, pooled over real tokens.
+"""Capture what each layer's router will see: the post-attention RMSNorm output, over real tokens only.
 
 The MoE shares the base's attention and norms, so forward hooks on the dense base give the router's input.
+Pad tokens and the special tokens the tokenizer adds (BOS) are left out: BOS hidden states are attention
+sinks with outsized norms that would swamp the prompt's own tokens. Prompts are sorted by length so each
+batch carries little padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-def _norm_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    return [layer.post_attention_layernorm for layer in model.model.layers]
 
 
 def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -23,22 +22,16 @@ def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def pooled_router_inputs(
+def _batches(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Mean router input of each prompt, per layer: a float32 tensor [layers, prompts, hidden].
-
-    Pad tokens and the special tokens the tokenizer adds (BOS) are left out of the mean: BOS hidden states
-    are attention sinks with outsized norms that would swamp the prompt's own tokens. Prompts are sorted by
-    length so each batch carries little padding.
-    """
+    batch_size: int,
+    max_tokens: int | None,
+) -> Iterator[tuple[list[int], torch.Tensor, list[torch.Tensor]]]:
+    """Yield (prompt indices, real-token mask [B,T], router inputs per layer [B,T,H]) batch by batch."""
     device = next(model.parameters()).device
-    norms = _norm_modules(model)
-    out = torch.zeros(len(norms), len(prompts), model.config.hidden_size)
+    norms = [layer.post_attention_layernorm for layer in model.model.layers]
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     captured: list[torch.Tensor] = []
@@ -47,20 +40,58 @@ def pooled_router_inputs(
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             batch = tokenizer(
-                [prompts[i] for i in chosen], return_tensors="pt", padding=True, return_special_tokens_mask=True
+                [prompts[i] for i in chosen],
+                return_tensors="pt",
+                padding=True,
+                truncation=max_tokens is not None,
+                max_length=max_tokens,
+                return_special_tokens_mask=True,
             )
             real = batch["attention_mask"].bool() & ~batch.pop("special_tokens_mask").bool()
             real = torch.where(real.any(dim=1, keepdim=True), real, batch["attention_mask"].bool())
-            weights = (real.float() / real.sum(dim=1, keepdim=True)).to(device)
             captured.clear()
             with torch.inference_mode():
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-            for layer, hidden in enumerate(captured):
-                pooled = torch.einsum("bt,bth->bh", weights, hidden.float())
-                out[layer, chosen] = pooled.cpu()
-            if on_batch:
-                on_batch(len(chosen))
+            yield chosen, real.to(device), captured
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def pooled_router_inputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Mean router input of each prompt's real tokens, per layer: float32 [layers, prompts, hidden] on CPU."""
+    out = torch.zeros(model.config.num_hidden_layers, len(prompts), model.config.hidden_size)
+    for chosen, real, captured in _batches(model, tokenizer, prompts, batch_size, None):
+        weights = real.float() / real.sum(dim=1, keepdim=True)
+        for layer, hidden in enumerate(captured):
+            out[layer, chosen] = torch.einsum("bt,bth->bh", weights, hidden.float()).cpu()
+        if on_batch:
+            on_batch(len(chosen))
     return out
+
+
+def token_router_inputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 16,
+    max_tokens: int = 256,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every real token's router input per layer, [layers, tokens, hidden] float32 on the model's device,
+    and the prompt index of each token [tokens]. Prompts are cut at `max_tokens` to bound memory."""
+    features: list[torch.Tensor] = []
+    owners: list[torch.Tensor] = []
+    for chosen, real, captured in _batches(model, tokenizer, prompts, batch_size, max_tokens):
+        features.append(torch.stack([hidden[real].float() for hidden in captured]))
+        owner = torch.tensor(chosen, device=real.device)[:, None].expand_as(real)
+        owners.append(owner[real])
+        if on_batch:
+            on_batch(len(chosen))
+    return torch.cat(features, dim=1), torch.cat(owners)

@@ -22,7 +22,7 @@ class Reference:
     adapter: Path | None = None
 
 
-def _find(text: str, recipe_dir: Path) -> Path | None:
+def find_path(text: str, recipe_dir: Path) -> Path | None:
     """Paths are tried as written (relative to the working directory, as mergekit does), then next to the recipe."""
     for candidate in (Path(text).expanduser(), recipe_dir / text):
         if candidate.exists():
@@ -32,11 +32,11 @@ def _find(text: str, recipe_dir: Path) -> Path | None:
 
 def resolve_reference(text: str, key: str, recipe_dir: Path, base: Path | None) -> Reference:
     """Turn `path`, `adapter_dir` (applied to the base) or mergekit's `model+adapter` into folders."""
-    found = _find(text, recipe_dir)
+    found = find_path(text, recipe_dir)
     if found is None and "+" in text:
         model_text, adapter_text = text.rsplit("+", 1)
         model = resolve_reference(model_text, key, recipe_dir, base)
-        adapter = _find(adapter_text, recipe_dir)
+        adapter = find_path(adapter_text, recipe_dir)
         if adapter is None:
             raise MoemergeError(f"{key}: adapter {adapter_text!r} not found")
         if not (adapter / ADAPTER_CONFIG).is_file():

@@ -1,29 +1,52 @@
-"""Pick the gate mode's recipe and return router weights for every layer."""
+"""Pick the gate mode's method and return router weights for every layer."""
 
 from __future__ import annotations
 
 import gc
+import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
 from moemerge.gates.rows import router_rows, warn_parallel
+from moemerge.gates.trained import TrainingReport, train_gates
 from moemerge.progress import Progress
+from moemerge.prompts import ExpertPrompts
 from moemerge.recipe import Recipe
-from moemerge.router_inputs import pad_ready
+from moemerge.router_inputs import pad_ready, token_router_inputs
 from moemerge.sources import ModelSource
 
-
-def _prompts(recipe: Recipe) -> tuple[list[list[str]], list[list[str]]]:
-    positive = [[p for p in e.positive_prompts if p.strip()] for e in recipe.experts]
-    negative = [[p for p in e.negative_prompts if p.strip()] for e in recipe.experts]
-    return positive, negative
+log = logging.getLogger("moemerge")
 
 
-def _load_base(base: ModelSource, device: torch.device, dtype: torch.dtype):
+@dataclass
+class GateResult:
+    """float32 router weights [layers, experts, hidden], and the training report for trained gates."""
+
+    rows: torch.Tensor
+    report: TrainingReport | None = None
+
+
+@dataclass
+class GateContext:
+    """What every gate method may need besides the recipe."""
+
+    base: ModelSource
+    num_layers: int
+    hidden_size: int
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    batch_size: int
+    progress: Progress
+
+
+def load_base(base: ModelSource, device: torch.device, dtype: torch.dtype):
     """The dense base, frozen, in eval mode: on CUDA in the output dtype and placed by accelerate (so a base
     larger than the GPU spills to CPU); on CPU in float32, where half precision is slow and less exact."""
     load_dtype = dtype if device.type == "cuda" else torch.float32
@@ -36,44 +59,67 @@ def _load_base(base: ModelSource, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def compute_gates(
-    recipe: Recipe,
-    base: ModelSource,
-    num_layers: int,
-    hidden_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int,
-    batch_size: int,
-    progress: Progress,
-) -> torch.Tensor:
-    """float32 router weights [layers, experts, hidden]; the base model is freed before this returns."""
-    experts = len(recipe.experts)
+def _release(device: torch.device) -> None:
+    """Return the base model's memory before writing starts (the caller has dropped its reference)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _cheap_embed(ctx: GateContext, tokenizer, prompts: ExpertPrompts) -> tuple[torch.Tensor, torch.Tensor]:
+    embed = ctx.base.tensors.load("model.embed_tokens.weight")
+    prototypes = embedding_prototypes(embed, tokenizer, prompts.positive, prompts.negative, ctx.num_layers)
+    # Without a forward pass, estimate the router input's norm from each post-attention norm's weight.
+    norms = [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(ctx.num_layers)]
+    return prototypes, torch.stack([ctx.base.tensors.load(name).float().norm() for name in norms])
+
+
+def _trained(ctx: GateContext, recipe: Recipe, model, tokenizer, prompts: ExpertPrompts) -> GateResult:
+    """Fit the chosen layers; the others keep hidden-state gates from the same prompts."""
+    spec = recipe.training
+    texts = [text for text, _ in prompts.labelled]
+    labels = [label for _, label in prompts.labelled]
+    advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts))
+    features, owners = token_router_inputs(model, tokenizer, texts, ctx.batch_size, spec.max_tokens, advance)
+    layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
+    bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
+    if bad:
+        raise MoemergeError(f"training.layers: layer {bad[0]} does not exist; the base has {ctx.num_layers} layers")
+    trained, report = train_gates(features, owners, labels, len(recipe.experts), spec)
+    del features
+    rows = torch.zeros(ctx.num_layers, len(recipe.experts), ctx.hidden_size)
+    rows[layers] = trained
+    untrained = [layer for layer in range(ctx.num_layers) if layer not in layers]
+    if untrained:
+        prototypes, token_norm = hidden_prototypes(model, tokenizer, prompts.positive, prompts.negative, ctx.batch_size)
+        rows[untrained] = router_rows(prototypes, token_norm, recipe.gate_scale)[untrained]
+    for layer, accuracy in zip(report.trained_layers, report.layer_accuracy, strict=True):
+        log.info(f"layer {layer}: held-out routing accuracy {accuracy:.3f}")
+    return GateResult(rows, report)
+
+
+def compute_gates(recipe: Recipe, prompts: ExpertPrompts, ctx: GateContext) -> GateResult:
+    """Router weights for every layer; the base model is freed before this returns."""
     if recipe.gate_mode in ("random", "uniform_random"):
-        return random_gates(recipe.gate_mode, num_layers, experts, hidden_size, seed)
-    tokenizer = pad_ready(AutoTokenizer.from_pretrained(base.path, trust_remote_code=False))
-    positive, negative = _prompts(recipe)
-    if recipe.gate_mode == "cheap_embed":
-        embed = base.tensors.load("model.embed_tokens.weight")
-        prototypes = embedding_prototypes(embed, tokenizer, positive, negative, num_layers)
-        # Without a forward pass, estimate the router input's norm from each post-attention norm's weight.
-        token_norm = torch.stack(
-            [
-                base.tensors.load(f"model.layers.{i}.post_attention_layernorm.weight").float().norm()
-                for i in range(num_layers)
-            ]
+        return GateResult(
+            random_gates(recipe.gate_mode, ctx.num_layers, len(recipe.experts), ctx.hidden_size, ctx.seed)
         )
+    tokenizer = pad_ready(AutoTokenizer.from_pretrained(ctx.base.path, trust_remote_code=False))
+    if recipe.gate_mode == "cheap_embed":
+        prototypes, token_norm = _cheap_embed(ctx, tokenizer, prompts)
     else:
-        model = _load_base(base, device, dtype)
-        total = sum(len(g) for g in (*positive, *negative))
-        advance = progress.task(f"hidden states on {device.type}", total)
+        model = load_base(ctx.base, ctx.device, ctx.dtype)
         try:
-            prototypes, token_norm = hidden_prototypes(model, tokenizer, positive, negative, batch_size, advance)
+            if recipe.gate_mode == "trained":
+                return _trained(ctx, recipe, model, tokenizer, prompts)
+            total = sum(len(g) for g in (*prompts.positive, *prompts.negative))
+            advance = ctx.progress.task(f"hidden states on {ctx.device.type}", total)
+            prototypes, token_norm = hidden_prototypes(
+                model, tokenizer, prompts.positive, prompts.negative, ctx.batch_size, advance
+            )
         finally:
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release(ctx.device)
     rows = router_rows(prototypes, token_norm, recipe.gate_scale)
     warn_parallel(rows, recipe.expert_names())
-    return rows
+    return GateResult(rows)

@@ -1,0 +1,76 @@
+"""Which experts a merged model's routers choose for a text, read from the router logits themselves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from moemerge.errors import MoemergeError
+
+
+@dataclass
+class Routing:
+    """Router logits of every layer for the real tokens of one text (BOS and other added specials left out)."""
+
+    logits: torch.Tensor  # [layers, tokens, experts], float32
+    top_k: int
+    loss: float  # mean next-token negative log-likelihood over the text
+
+    @property
+    def choices(self) -> torch.Tensor:
+        """[layers, tokens, k] expert indices, as the Mixtral block picks them."""
+        return self.logits.topk(self.top_k, dim=-1).indices
+
+    def shares(self) -> torch.Tensor:
+        """Per expert: the fraction of (layer, token) pairs whose top-k included it; sums to top_k."""
+        layers, tokens, experts = self.logits.shape
+        counts = torch.bincount(self.choices.reshape(-1), minlength=experts).float()
+        return counts / max(1, layers * tokens)
+
+    def layer_shares(self) -> torch.Tensor:
+        """[layers, experts]: per layer, the fraction of tokens whose top-k included each expert."""
+        one_hot = torch.nn.functional.one_hot(self.choices, self.logits.shape[-1]).sum(dim=2).float()
+        return one_hot.mean(dim=1)
+
+    def top1_accuracy(self, expert: int) -> torch.Tensor:
+        """[layers]: the fraction of tokens whose highest-scoring expert is `expert`."""
+        return (self.logits.argmax(dim=-1) == expert).float().mean(dim=1)
+
+
+def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> Routing:
+    """Run the MoE once over `text`; returns router logits of its real tokens and the text's loss."""
+    batch = tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+    real = ~batch.pop("special_tokens_mask")[0].bool()
+    if not real.any():
+        real = torch.ones_like(real)
+    batch = batch.to(model.device)
+    with torch.inference_mode():
+        out = model(**batch, labels=batch["input_ids"], output_router_logits=True, use_cache=False)
+    logits = torch.stack([layer.float().cpu() for layer in out.router_logits])[:, real]
+    loss = float(out.loss) if batch["input_ids"].shape[1] > 1 else float("nan")
+    return Routing(logits, model.config.num_experts_per_tok, loss)
+
+
+def expert_names(out: Path, count: int) -> list[str]:
+    """Names saved by the merge in moemerge.json, or expert0.. for outputs made elsewhere."""
+    manifest = out / "moemerge.json"
+    if manifest.is_file():
+        names = json.loads(manifest.read_text(encoding="utf-8")).get("expert_names") or []
+        if len(names) == count:
+            return names
+    return [f"expert{i}" for i in range(count)]
+
+
+def load_moe(out: Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
+    """A merged output, its tokenizer and its expert names; refuses folders that are not Mixtral outputs."""
+    if not (out / "config.json").is_file():
+        raise MoemergeError(f"{out}: not a model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).to(device).eval()
+    if not hasattr(model.config, "num_local_experts"):
+        raise MoemergeError(f"{out}: {type(model).__name__} is not a mixture of experts")
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    return model, tokenizer, expert_names(out, model.config.num_local_experts)

@@ -1,0 +1,157 @@
+"""Trained gates learn a separable labelled set; eval and route agree with router logits from transformers."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny_models import make_base, make_expert
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moemerge import MergeOptions, merge
+from moemerge.errors import MoemergeError
+
+ALPHABETS = ["abcdefg", "stuvwxyz", "01.,?"]
+CLI = str(Path(sys.executable).parent / "moemerge")
+
+
+def _texts(alphabet: str, count: int, rng: random.Random) -> list[str]:
+    return ["".join(rng.choice(alphabet + " ") for _ in range(rng.randint(8, 20))).strip() or alphabet for _ in range(count)]
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    lines = ["prompt,expert"] + [f'"{text}",{label}' for text, label in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    base = make_base(root / "base", num_hidden_layers=4)
+    experts = [make_expert(base, root / f"e{i}", seed=i, scale=0.005) for i in range(3)]
+    rng = random.Random(0)
+    names = ["letters", "late", "digits"]
+    rows = [(t, names[e]) for e, a in enumerate(ALPHABETS) for t in _texts(a, 30, rng)]
+    dataset = _write_csv(root / "train.csv", rows)
+    heldout = _write_csv(root / "heldout.csv", [(t, str(e)) for e, a in enumerate(ALPHABETS) for t in _texts(a, 8, rng)])
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "trained",
+        "dtype": "float32",
+        "experts_per_token": 1,
+        "dataset_csv": str(dataset),
+        "training": {"steps": 150, "lr": 0.05, "seed": 0},
+        "experts": [{"source_model": str(e), "name": n} for e, n in zip(experts, names, strict=True)],
+    }
+    (root / "r.yaml").write_text(yaml.safe_dump(recipe))
+    merge(root / "r.yaml", root / "out", MergeOptions(device="cpu"))
+    return root, heldout, names
+
+
+def test_training_report_shows_high_heldout_accuracy(trained):
+    root, _, _ = trained
+    report = json.loads((root / "out" / "gate_training.json").read_text())
+    assert report["holdout_prompts"] == 18 and report["train_prompts"] == 72
+    assert len(report["layer_accuracy"]) == 4
+    assert min(report["layer_accuracy"]) >= 0.9, report
+
+
+def test_eval_matches_router_logits_from_transformers(trained, tmp_path):
+    root, heldout, names = trained
+    result_file = tmp_path / "eval.json"
+    run = subprocess.run([CLI, "eval", str(root / "out"), str(heldout), "--ppl", "--json", str(result_file)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(result_file.read_text())
+
+    model = AutoModelForCausalLM.from_pretrained(root / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(root / "out")
+    correct = torch.zeros(3)
+    tokens = torch.zeros(3)
+    nll = torch.zeros(3)
+    for line in heldout.read_text().splitlines()[1:]:
+        text, label = line.rsplit(",", 1)
+        ids = tokenizer(text.strip('"'), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model(ids, labels=ids, output_router_logits=True)
+        top = torch.stack(out.router_logits)[:, 1:].argmax(dim=-1)  # skip BOS, as eval does
+        correct[int(label)] += (top == int(label)).float().sum()
+        tokens[int(label)] += top.shape[1]
+        nll[int(label)] += out.loss * (ids.shape[1] - 1)
+    expected = correct / (tokens * 4)
+    assert result["accuracy"] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert min(result["accuracy"]) >= 0.85
+    assert result["tokens"] == tokens.int().tolist()
+    lengths = tokens  # predicted tokens = real tokens (BOS predicts the first) per expert
+    assert result["perplexity"] == pytest.approx(torch.exp(nll / lengths).tolist(), rel=1e-4)
+
+
+def test_route_json_matches_router_logits(trained):
+    root, _, names = trained
+    prompt = "abc gfe dab"
+    run = subprocess.run([CLI, "route", str(root / "out"), prompt, "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["experts"] == names
+    model = AutoModelForCausalLM.from_pretrained(root / "out").eval()
+    ids = AutoTokenizer.from_pretrained(root / "out")(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = torch.stack(model(ids, output_router_logits=True).router_logits)[:, 1:]
+    top = logits.argmax(dim=-1)
+    shares = torch.bincount(top.reshape(-1), minlength=3).float() / top.numel()
+    row = data["prompts"][0]
+    assert [row["shares"][n] for n in names] == pytest.approx(shares.tolist())
+    assert row["top_expert"] == "letters"
+
+
+def test_route_table_names_experts(trained):
+    root, _, names = trained
+    run = subprocess.run([CLI, "route", str(root / "out"), "0.1,0?", "xyz"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for name in names:
+        assert name in run.stdout
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("prompt,expert\nabc,9\n", "unknown expert '9'"),
+        ("prompt,expert\n,0\n", "empty prompt"),
+        ("text,expert\nabc,0\n", "missing column prompt"),
+        ("prompt,expert\nabc,nobody\n", "unknown expert 'nobody'"),
+    ],
+)
+def test_bad_dataset_is_refused(trained, tmp_path, content, message):
+    root, _, _ = trained
+    recipe = yaml.safe_load((root / "r.yaml").read_text())
+    (tmp_path / "bad.csv").write_text(content)
+    recipe["dataset_csv"] = str(tmp_path / "bad.csv")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(MoemergeError, match=message):
+        merge(tmp_path / "r.yaml", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_untrained_layers_get_prompt_gates(trained, tmp_path):
+    root, _, _ = trained
+    recipe = yaml.safe_load((root / "r.yaml").read_text())
+    recipe["training"]["layers"] = [2, 3]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu"))
+    report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
+    assert report["trained_layers"] == [2, 3]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model-00001-of-00001.safetensors"), "pt") as partial, safe_open(
+        str(root / "out" / "model-00001-of-00001.safetensors"), "pt"
+    ) as full:
+        gate = "model.layers.{}.block_sparse_moe.gate.weight"
+        torch.testing.assert_close(partial.get_tensor(gate.format(3)), full.get_tensor(gate.format(3)))
+        assert not torch.allclose(partial.get_tensor(gate.format(0)), full.get_tensor(gate.format(0)))
