@@ -22,7 +22,9 @@ CLI = str(Path(sys.executable).parent / "moemerge")
 
 
 def _texts(alphabet: str, count: int, rng: random.Random) -> list[str]:
-    return ["".join(rng.choice(alphabet + " ") for _ in range(rng.randint(8, 20))).strip() or alphabet for _ in range(count)]
+    return [
+        "".join(rng.choice(alphabet + " ") for _ in range(rng.randint(8, 20))).strip() or alphabet for _ in range(count)
+    ]
 
 
 def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -40,7 +42,9 @@ def trained(tmp_path_factory):
     names = ["letters", "late", "digits"]
     rows = [(t, names[e]) for e, a in enumerate(ALPHABETS) for t in _texts(a, 30, rng)]
     dataset = _write_csv(root / "train.csv", rows)
-    heldout = _write_csv(root / "heldout.csv", [(t, str(e)) for e, a in enumerate(ALPHABETS) for t in _texts(a, 8, rng)])
+    heldout = _write_csv(
+        root / "heldout.csv", [(t, str(e)) for e, a in enumerate(ALPHABETS) for t in _texts(a, 8, rng)]
+    )
     recipe = {
         "base_model": str(base),
         "gate_mode": "trained",
@@ -66,8 +70,11 @@ def test_training_report_shows_high_heldout_accuracy(trained):
 def test_eval_matches_router_logits_from_transformers(trained, tmp_path):
     root, heldout, names = trained
     result_file = tmp_path / "eval.json"
-    run = subprocess.run([CLI, "eval", str(root / "out"), str(heldout), "--ppl", "--json", str(result_file)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [CLI, "eval", str(root / "out"), str(heldout), "--ppl", "--json", str(result_file)],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(result_file.read_text())
 
@@ -149,9 +156,10 @@ def test_untrained_layers_get_prompt_gates(trained, tmp_path):
     assert report["trained_layers"] == [2, 3]
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "out" / "model-00001-of-00001.safetensors"), "pt") as partial, safe_open(
-        str(root / "out" / "model-00001-of-00001.safetensors"), "pt"
-    ) as full:
+    with (
+        safe_open(str(tmp_path / "out" / "model-00001-of-00001.safetensors"), "pt") as partial,
+        safe_open(str(root / "out" / "model-00001-of-00001.safetensors"), "pt") as full,
+    ):
         gate = "model.layers.{}.block_sparse_moe.gate.weight"
         torch.testing.assert_close(partial.get_tensor(gate.format(3)), full.get_tensor(gate.format(3)))
         assert not torch.allclose(partial.get_tensor(gate.format(0)), full.get_tensor(gate.format(0)))

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ",", "?", "0", "1"]
 
@@ -62,7 +62,9 @@ def make_base(path: Path, family: str = "llama", seed: int = 0, **overrides) -> 
 
 def make_expert(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
     """A 'fine-tune' of the base: its MLP weights perturbed, everything else unchanged."""
-    model = LlamaForCausalLM.from_pretrained(base) if "llama" in _arch(base) else MistralForCausalLM.from_pretrained(base)
+    model = (
+        LlamaForCausalLM.from_pretrained(base) if "llama" in _arch(base) else MistralForCausalLM.from_pretrained(base)
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -76,14 +78,23 @@ def _arch(path: Path) -> str:
 
 
 def make_lora(
-    base: Path, path: Path, seed: int, rank: int = 4, alpha: float = 8, targets=("gate_proj", "up_proj", "down_proj"),
+    base: Path,
+    path: Path,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8,
+    targets=("gate_proj", "up_proj", "down_proj"),
     **config_extra,
 ) -> dict[str, torch.Tensor]:
     """A PEFT-format adapter with random A and B; returns its tensors keyed as PEFT saves them."""
     config = json.loads((base / "config.json").read_text())
     hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
-              "q_proj": (hidden, hidden)}
+    shapes = {
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
+        "q_proj": (hidden, hidden),
+    }
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(layers):
@@ -95,8 +106,15 @@ def make_lora(
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    adapter_config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
-                      "fan_in_fan_out": False, "base_model_name_or_path": str(base), **config_extra}
+    adapter_config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "fan_in_fan_out": False,
+        "base_model_name_or_path": str(base),
+        **config_extra,
+    }
     (path / "adapter_config.json").write_text(json.dumps(adapter_config))
     return tensors
 

@@ -65,9 +65,10 @@ def fit_gates(features: torch.Tensor, labels: torch.Tensor, num_experts: int, sp
         logits = torch.einsum("lth,leh->lte", x, weight)
         target = labels[pick].expand(layers, -1)
         # Summed over layers, so each layer's fit is independent of which other layers are trained.
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, num_experts), target.reshape(-1), weight=class_weight
-        ) * layers
+        loss = (
+            torch.nn.functional.cross_entropy(logits.reshape(-1, num_experts), target.reshape(-1), weight=class_weight)
+            * layers
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
