@@ -22,6 +22,7 @@ from moemerge.evaluate import evaluate
 from moemerge.merge import MergeOptions, MergeSummary, merge
 from moemerge.prompts import read_dataset_csv, read_prompt_file
 from moemerge.routing import load_moe, route
+from moemerge.verify import verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build a Mixtral MoE from a base model and experts.")
 err = Console(stderr=True)
@@ -158,6 +159,16 @@ def eval_command(
     console.print(f"per layer: {strip}")
     if json_path is not None:
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+@app.command("verify")
+def verify_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    deep: Annotated[bool, typer.Option(help="Also read every value and load the model with transformers.")] = True,
+) -> None:
+    """Check an output: index, shard headers, names/shapes/dtypes against config.json, finite values, loading."""
+    count = verify(out, deep)
+    err.print(f"[green]ok[/green]: {out} holds {count} tensors that match its config" + (" and loads" if deep else ""))
 
 
 def parse_size(text: str) -> int:

@@ -24,6 +24,7 @@ from moemerge.prompts import gather_prompts
 from moemerge.recipe import DTYPE_ALIASES, Recipe, load_recipe
 from moemerge.sources import ModelSource, resolve_reference
 from moemerge.staging import check_output, staged_output
+from moemerge.verify import check_structure
 from moemerge.writer import write_json, write_shards
 
 log = logging.getLogger("moemerge")
@@ -163,6 +164,7 @@ def merge(
         stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
         license_id = base.config.get("license")
         (partial / "README.md").write_text(model_card(recipe, recipe_text, stats, license_id), encoding="utf-8")
+        check_structure(partial)
     return MergeSummary(
         out,
         names,

@@ -22,7 +22,9 @@ def _layer_of(name: str) -> int:
 
 
 def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str | None = None) -> PlannedTensor:
-    return PlannedTensor(out_name or name, base.tensors.shape(name), dtype, lambda: base.tensors.load(name).to(dtype))
+    return PlannedTensor(
+        out_name or name, base.tensors.shape(name), dtype, lambda: base.tensors.load(name).to(dtype), f"base {name}"
+    )
 
 
 def _expert(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: torch.dtype) -> PlannedTensor:
@@ -31,6 +33,7 @@ def _expert(expert: Expert, base: ModelSource, layer: int, projection: str, dtyp
         base.tensors.shape(mlp_tensor(layer, projection)),
         dtype,
         lambda: expert.tensor(layer, projection, dtype),
+        f"experts[{expert.index}] {mlp_tensor(layer, projection)}",
     )
 
 
@@ -54,7 +57,9 @@ def build_plan(
     for layer in range(num_layers):
         plan += [_copy(base, name, dtype) for name in by_layer.get(layer, [])]
         plan.append(
-            PlannedTensor(gate_name(layer), (len(experts), hidden_size), dtype, lambda i=layer: gate_rows(i).to(dtype))
+            PlannedTensor(
+                gate_name(layer), (len(experts), hidden_size), dtype, lambda i=layer: gate_rows(i).to(dtype), "gates"
+            )
         )
         for expert in experts:
             plan += [_expert(expert, base, layer, projection, dtype) for projection in MLP_PROJECTIONS]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from moemerge.errors import MoemergeError
 from moemerge.safetensors_header import DTYPE_NAMES
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,6 +28,7 @@ class PlannedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    source: str = ""
 
     @property
     def numel(self) -> int:
@@ -74,6 +76,10 @@ def _write_tensor(handle, tensor: PlannedTensor) -> None:
         raise RuntimeError(
             f"internal error: {tensor.name} was planned as {tensor.dtype}{list(tensor.shape)} "
             f"but produced {value.dtype}{list(value.shape)}"
+        )
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise MoemergeError(
+            f"tensor {tensor.name} would hold NaN or Inf values; check its source weights ({tensor.source})"
         )
     if tensor.nbytes:
         handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
