@@ -78,9 +78,7 @@ def _write_tensor(handle, tensor: PlannedTensor) -> None:
             f"but produced {value.dtype}{list(value.shape)}"
         )
     if value.is_floating_point() and not torch.isfinite(value).all():
-        raise MoemergeError(
-            f"tensor {tensor.name} would hold NaN or Inf values; check its source weights ({tensor.source})"
-        )
+        raise MoemergeError(f"{tensor.source}: NaN or Inf values (output tensor {tensor.name}); fix the source weights")
     if tensor.nbytes:
         handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import make_base, make_expert, make_lora, write_recipe
 
 MOEMERGE = str(Path(sys.executable).parent / "moemerge")
@@ -294,6 +294,11 @@ def models(tmp_path_factory, server) -> Models:
     for name, edit in [("lying_size", lie_size), ("wrong_shape", lie_shape), ("missing_tensor", drop)]:
         edit_header(add(name, copy_of(m.expert, root / name.replace("_", " "))) / weights, edit)
     edit_header(add("unknown_dtype", copy_of(m.expert, root / "unknown dtype")) / weights, unknown_dtype)
+
+    # a sound file whose values are not: found only while the shards are being written
+    tensors = load_file(str(m.expert / weights))
+    tensors[DOWN2][0, 0] = float("nan")
+    save_file(tensors, str(add("nan", copy_of(m.expert, root / "nan")) / weights))
     return m
 
 
@@ -449,6 +454,13 @@ def c_out_under_a_file(work, m):
     return Case([recipe_with(work, m), blocker / "out"], (str(blocker),), blocker / "out")
 
 
+def c_nan_weights(work, m):
+    """Refused mid-write, with shards already on disk: the partial folder must go too."""
+    made = plain(work, m, experts=[m["nan"], m.lora], expect=["would hold NaN or Inf values", f"experts[0] {DOWN2}"])
+    made.args += ["--shard-size", "2KB"]
+    return made
+
+
 def c_device_cuda(work, m):
     case = plain(work, m, expect=["--device cuda: no CUDA device"])
     case.args += ["--device", "cuda"]
@@ -512,6 +524,7 @@ CASES = [
     expert_case("unknown_dtype", f"unknown dtype/model.safetensors: tensor {UP1}: unreadable or unsupported"),
     expert_case("wrong_shape", f"experts[0]: tensor {UP1} is [32, 48] but the base's is [48, 32]"),
     expert_case("missing_tensor", f"experts[0].source_model: tensor {DOWN2} is missing"),
+    c_nan_weights,
     c_out_exists,
     c_out_is_file,
     c_out_in_base,

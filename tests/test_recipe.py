@@ -430,6 +430,31 @@ def test_non_utf8_recipe(tmp_path, raw):
     assert one_line(info.value) == f"{path}: not a text file; a recipe is UTF-8 YAML"
 
 
+def test_prompt_files_count_as_prompts():
+    data = recipe(expert("a"), {"source_model": "b", "positive_prompts_file": "prompts/math.txt"})
+    assert parse_recipe(data).experts[1].positive_prompts_file == "prompts/math.txt"
+
+
+@pytest.mark.xfail(strict=True, reason="moemerge bug: experts with only prompt files compare as identical prompts")
+def test_experts_with_only_prompt_files_are_not_identical():
+    data = recipe(
+        {"source_model": "a", "positive_prompts_file": "code.txt"},
+        {"source_model": "b", "positive_prompts_file": "math.txt"},
+    )
+    assert [e.positive_prompts_file for e in parse_recipe(data).experts] == ["code.txt", "math.txt"]
+
+
+def test_trained_gates_need_a_dataset():
+    assert "gate_mode trained needs dataset_csv" in error_of(recipe(gate_mode="trained"))
+    loaded = parse_recipe(recipe(expert("a", "same"), expert("b", "same"), gate_mode="trained", dataset_csv="d.csv"))
+    assert loaded.dataset_csv == "d.csv"
+
+
+def test_training_typo_names_the_nested_key():
+    message = error_of(recipe(training={"step": 10}))
+    assert message.startswith("recipe: training.step: unknown key; did you mean `steps`?")
+
+
 @pytest.mark.xfail(strict=True, reason="moemerge bug: PyYAML's RecursionError on deep nesting escapes load_recipe")
 def test_deeply_nested_yaml_is_a_moemerge_error(tmp_path):
     path = tmp_path / "deep.yaml"
@@ -445,8 +470,18 @@ def test_unknown_key_with_a_newline_stays_one_line():
 
 # ---------------------------------------------------------------- property: Recipe or MoemergeError, nothing else
 
-REAL_KEYS = ["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "gate_scale", "shared_experts"]
-EXPERT_KEYS = ["source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "name"]
+REAL_KEYS = [
+    "base_model",
+    "experts",
+    "gate_mode",
+    "dtype",
+    "experts_per_token",
+    "gate_scale",
+    "training",
+    "dataset_csv",
+]
+EXPERT_KEYS = ["source_model", "positive_prompts", "negative_prompts", "positive_prompts_file", "name", "noise_scale"]
+TRAINING_KEYS = ["steps", "lr", "weight_decay", "batch_size", "max_tokens", "holdout", "seed", "layers"]
 
 scalars = st.one_of(
     st.none(),
@@ -456,7 +491,9 @@ scalars = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["hidden", "random", "cheap_embed", "uniform_random", "bf16", "float32", "a", "b", "", " "]),
 )
-keys = st.one_of(st.sampled_from(REAL_KEYS + EXPERT_KEYS), st.text(max_size=8), st.integers(-3, 3), st.none())
+keys = st.one_of(
+    st.sampled_from(REAL_KEYS + EXPERT_KEYS + TRAINING_KEYS), st.text(max_size=8), st.integers(-3, 3), st.none()
+)
 anything = st.recursive(
     scalars,
     lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=5)),
@@ -493,6 +530,8 @@ expert_like = mostly(
             "noise_scale": mostly(st.floats(min_value=0, max_value=1)),
             "residual_scale": mostly(st.floats(min_value=-1, max_value=2)),
             "name": mostly(st.text(max_size=6)),
+            "positive_prompts_file": mostly(paths),
+            "negative_prompts_file": mostly(paths),
         },
         required=("source_model", "positive_prompts"),
     )
@@ -501,10 +540,25 @@ recipe_like = maybe_set(
     {
         "base_model": mostly(paths | st.text(max_size=10)),
         "experts": mostly(st.lists(expert_like, min_size=2, max_size=4)),
-        "gate_mode": mostly(st.sampled_from(["random", "hidden", "cheap_embed", "uniform_random"])),
+        "gate_mode": mostly(st.sampled_from(["random", "hidden", "cheap_embed", "uniform_random", "trained"])),
         "dtype": mostly(st.sampled_from(["bf16", "float16", "fp32", "int8"])),
         "experts_per_token": mostly(st.integers(1, 5) | st.integers(-1, 0)),
         "gate_scale": mostly(st.floats(min_value=0.1, max_value=100) | st.floats()),
+        "dataset_csv": mostly(paths),
+        "training": mostly(
+            maybe_set(
+                {
+                    "steps": mostly(st.integers(-1, 500)),
+                    "lr": mostly(st.floats(min_value=0, max_value=1)),
+                    "weight_decay": mostly(st.floats(min_value=-0.1, max_value=1)),
+                    "batch_size": mostly(st.integers(-1, 64)),
+                    "max_tokens": mostly(st.integers(0, 512)),
+                    "holdout": mostly(st.floats(min_value=-0.5, max_value=1.5)),
+                    "seed": mostly(st.integers()),
+                    "layers": mostly(st.lists(st.integers(-2, 40), max_size=4) | st.none()),
+                }
+            )
+        ),
     },
     required=("base_model", "experts"),
 )

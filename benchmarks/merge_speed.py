@@ -1,0 +1,603 @@
+"""Merge speed and memory: moemerge against mergekit-moe and a plain copy, on generated Llama models.
+
+make_models.py (run in a child process, so this one stays small) writes a random dense Llama base and
+experts (the base with other MLP weights) as sharded bf16 safetensors, straight from tensors, with a
+config.json and a word-level tokenizer whose vocabulary matches the embeddings. Models are cached under
+--workdir and reused by later runs.
+
+Then, for each gate mode, it runs on the same mergekit-moe recipe, alternating, --repeats times:
+
+- `moemerge RECIPE OUT --force`
+- `mergekit-moe RECIPE OUT --device cpu --no-lazy-unpickle` (its own defaults otherwise)
+- `cp -r` of moemerge's output to a new folder followed by `sync`: the disk-speed yardstick
+
+Each output folder is removed (and the removal synced) before its run. Measured per run:
+
+- wall: from starting the process until it has exited (interpreter start and imports included);
+- +sync: wall plus a `sync` run right after it, so that output a tool left in the page cache is counted
+  (moemerge fsyncs its shards itself, mergekit-moe does not; the copy includes its sync already);
+- peak tree RSS: the largest sum of VmRSS over the process and all its descendants, polled from /proc
+  every --poll-ms milliseconds (RssAnon is summed the same way: memory not backed by a file);
+- max single RSS: ru_maxrss of the child from wait4(), the kernel's own peak of the largest single
+  process in the tree (exact, not polled; its floor is this script's own RSS at fork, about 30 MB);
+- output bytes: the sum of file sizes in the output folder;
+- inputs cached: the fraction of the input safetensors resident in the page cache just before the run
+  (from `fincore`), since a merge that reads from the cache is not reading from the disk.
+
+Usage (from the repository root, with the project's venv):
+
+    python benchmarks/merge_speed.py --size small --repeats 1
+    python benchmarks/merge_speed.py --size 1b --gates random,hidden --repeats 3 --json /tmp/bench-1b.json
+    python benchmarks/merge_speed.py --size 2b --gates random --methods moemerge
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+
+GIB = 2**30
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+METHODS = ("moemerge", "mergekit", "copy")
+MERGEKIT_VENV = Path("/work/mkvenv/bin/mergekit-moe")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The shape of a generated dense Llama model."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every weight of LlamaForCausalLM (untied), in the order save_pretrained writes layers."""
+        kv = self.kv_heads * self.head_dim
+        shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
+        for i in range(self.layers):
+            prefix = f"model.layers.{i}."
+            shapes += [
+                (prefix + "input_layernorm.weight", (self.hidden,)),
+                (prefix + "self_attn.q_proj.weight", (self.hidden, self.hidden)),
+                (prefix + "self_attn.k_proj.weight", (kv, self.hidden)),
+                (prefix + "self_attn.v_proj.weight", (kv, self.hidden)),
+                (prefix + "self_attn.o_proj.weight", (self.hidden, self.hidden)),
+                (prefix + "post_attention_layernorm.weight", (self.hidden,)),
+                (prefix + "mlp.gate_proj.weight", (self.intermediate, self.hidden)),
+                (prefix + "mlp.up_proj.weight", (self.intermediate, self.hidden)),
+                (prefix + "mlp.down_proj.weight", (self.hidden, self.intermediate)),
+            ]
+        return shapes + [("model.norm.weight", (self.hidden,)), ("lm_head.weight", (self.vocab, self.hidden))]
+
+    def params(self) -> int:
+        return sum(numel(shape) for _, shape in self.tensor_shapes())
+
+    def mlp_params(self) -> int:
+        return sum(numel(shape) for name, shape in self.tensor_shapes() if ".mlp." in name)
+
+    def moe_params(self, experts: int) -> int:
+        """Parameters of the merged Mixtral: the dense model with `experts` MLPs and a router per layer."""
+        return self.params() + (experts - 1) * self.mlp_params() + self.layers * experts * self.hidden
+
+    def config(self) -> dict[str, object]:
+        """config.json of the dense model, as a Hugging Face Llama folder has it."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16",
+        }
+
+
+SIZES = {
+    "small": ModelSize("small", hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=4),
+    "1b": ModelSize("1b", hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=16),
+    "2b": ModelSize("2b", hidden=2048, intermediate=5632, layers=32, heads=32, kv_heads=16),
+}
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def vocabulary(size: int) -> list[str]:
+    """Special tokens, then distinct lowercase words (2, 3, then 4 letters) up to `size` tokens."""
+    words = list(SPECIAL_TOKENS)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for length in itertools.count(2):
+        for chars in itertools.product(letters, repeat=length):
+            if len(words) == size:
+                return words
+            words.append("".join(chars))
+    raise AssertionError("unreachable")
+
+
+def model_folders(workdir: Path, size: ModelSize, experts: int) -> tuple[Path, list[Path]]:
+    """Where the base and the experts of `size` live under `workdir`."""
+    root = workdir / "models" / size.name
+    return root / "base", [root / f"expert{i}" for i in range(experts)]
+
+
+def ensure_models(workdir: Path, size: ModelSize, experts: int) -> tuple[Path, list[Path]]:
+    """The base and expert folders for `size`, generated once and reused.
+
+    Generation runs in its own process (make_models.py), so this one never imports torch: a child's
+    ru_maxrss starts from its parent's RSS at fork, and a small parent keeps that floor low.
+    """
+    script = Path(__file__).with_name("make_models.py")
+    command = [sys.executable, str(script), size.name, str(workdir), str(experts)]
+    subprocess.run(command, check=True)
+    return model_folders(workdir, size, experts)
+
+
+def expert_prompts(words: list[str], expert: int, experts: int, count: int) -> list[str]:
+    """`count` short prompts (6 to 12 words) for one expert, mostly from its own slice of the vocabulary."""
+    rng = random.Random(f"prompts-{expert}")
+    pool = words[len(SPECIAL_TOKENS) :]
+    own = pool[expert::experts]
+    return [
+        " ".join(rng.choice(own if rng.random() < 0.8 else pool) for _ in range(rng.randint(6, 12)))
+        for _ in range(count)
+    ]
+
+
+def write_recipe(
+    path: Path, base: Path, experts: list[Path], gates: str, prompts_per_expert: int, words: list[str]
+) -> Path:
+    """A mergekit-moe recipe: bf16, two experts per token, prompts per expert (unused by random gates)."""
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": gates,
+        "dtype": "bfloat16",
+        "experts_per_token": 2,
+        "experts": [
+            {
+                "source_model": str(folder),
+                "positive_prompts": expert_prompts(words, i, len(experts), prompts_per_expert),
+            }
+            for i, folder in enumerate(experts)
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    """One finished process: wall time, memory peaks and exit status."""
+
+    wall_s: float
+    peak_tree_rss: int
+    peak_tree_anon: int
+    max_single_rss: int
+    returncode: int
+    samples: int
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/PID/task/*/children (empty once the process is gone)."""
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo += _children(current)
+    return tree
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of one process in bytes; zeros for a process that has exited or is a zombie."""
+    rss = anon = 0
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return rss, anon
+
+
+def measure(command: list[str], log: Path, poll_s: float) -> Measurement:
+    """Run `command` (output to `log`), polling the memory of its process tree until wait4 reaps it."""
+    peak_rss = peak_anon = samples = 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with log.open("w") as handle:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            usages = [process_memory(p) for p in process_tree(process.pid)]
+            peak_rss = max(peak_rss, sum(u[0] for u in usages))
+            peak_anon = max(peak_anon, sum(u[1] for u in usages))
+            samples += 1
+            time.sleep(poll_s)
+        wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Measurement(wall, peak_rss, peak_anon, usage.ru_maxrss * 1024, process.returncode, samples)
+
+
+def timed_sync() -> float:
+    """Seconds that `sync` takes: the writeback a finished command left behind (and anything else dirty)."""
+    started = time.perf_counter()
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - started
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def cached_fraction(folders: list[Path]) -> float | None:
+    """Fraction of the folders' safetensors bytes resident in the page cache, from util-linux fincore."""
+    files = [str(f) for folder in folders for f in sorted(folder.glob("*.safetensors"))]
+    if not files or shutil.which("fincore") is None:
+        return None
+    result = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *files],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    pairs = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    total = sum(int(size) for _, size in pairs)
+    return sum(int(res) for res, _ in pairs) / total if total else None
+
+
+def remove(folder: Path) -> None:
+    """Drop an output folder and sync, so its writeback does not land in the next timed run."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    subprocess.run(["sync"], check=True)
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class RunRecord:
+    """One timed run of one method."""
+
+    method: str
+    gates: str
+    size: str
+    repeat: int
+    command: list[str]
+    wall_s: float
+    sync_s: float
+    peak_tree_rss: int
+    peak_tree_anon: int
+    max_single_rss: int
+    output_bytes: int
+    inputs_cached: float | None
+    returncode: int
+    samples: int
+    loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    @property
+    def total_s(self) -> float:
+        return self.wall_s + self.sync_s
+
+
+def find_moemerge(given: str | None) -> Path:
+    """--moemerge, else the script next to this interpreter (the venv's), else PATH."""
+    if given:
+        return Path(given)
+    beside = Path(sys.executable).parent / "moemerge"
+    found = beside if beside.is_file() else shutil.which("moemerge")
+    if not found:
+        sys.exit("moemerge not found: pass --moemerge PATH")
+    return Path(found)
+
+
+def find_mergekit(given: str | None) -> Path | None:
+    """--mergekit, else mergekit-moe on PATH, else the known venv; None when it is nowhere."""
+    if given:
+        return Path(given)
+    found = shutil.which("mergekit-moe")
+    if found:
+        return Path(found)
+    return MERGEKIT_VENV if MERGEKIT_VENV.is_file() else None
+
+
+def merge_command(method: str, tool: Path, recipe: Path, out: Path) -> list[str]:
+    if method == "moemerge":
+        return [str(tool), str(recipe), str(out), "--force"]
+    return [str(tool), str(recipe), str(out), "--device", "cpu", "--no-lazy-unpickle"]
+
+
+def copy_command(source: Path, target: Path) -> list[str]:
+    return ["sh", "-c", 'cp -r "$0" "$1" && sync', str(source), str(target)]
+
+
+def run_one(
+    method: str, command: list[str], out: Path, inputs: list[Path], log: Path, poll_s: float
+) -> tuple[Measurement, float, float | None]:
+    """Remove `out`, record input cache residency, run and measure, then time a trailing sync."""
+    remove(out)
+    cached = cached_fraction(inputs)
+    result = measure(command, log, poll_s)
+    sync_s = timed_sync() if method != "copy" else 0.0
+    if result.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        sys.exit(f"{method} failed with exit code {result.returncode}; log {log}:\n{tail}")
+    return result, sync_s, cached
+
+
+def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools: dict[str, Path]) -> list[RunRecord]:
+    """All repeats of every method for one gate mode; the merge order alternates between repeats."""
+    workdir: Path = args.workdir
+    base, experts = ensure_models(workdir, size, args.experts)
+    recipe_path = workdir / "recipes" / f"{size.name}-{gates}.yaml"
+    recipe = write_recipe(recipe_path, base, experts, gates, args.prompts, vocabulary(size.vocab))
+    (workdir / "logs").mkdir(exist_ok=True)
+    merges = [m for m in ("moemerge", "mergekit") if m in args.methods]
+    records: list[RunRecord] = []
+    for repeat in range(args.repeats):
+        order = merges if repeat % 2 == 0 else merges[::-1]
+        if "copy" in args.methods:
+            order = order + ["copy"]
+        for method in order:
+            out = workdir / "out" / method
+            if method == "copy":
+                command, inputs = copy_command(workdir / "out" / "moemerge", out), [workdir / "out" / "moemerge"]
+            else:
+                command, inputs = merge_command(method, tools[method], recipe, out), [base, *experts]
+            log = workdir / "logs" / f"{size.name}-{gates}-{method}-{repeat}.log"
+            result, sync_s, cached = run_one(method, command, out, inputs, log, args.poll_ms / 1000)
+            record = RunRecord(
+                method,
+                gates,
+                size.name,
+                repeat,
+                command,
+                result.wall_s,
+                sync_s,
+                result.peak_tree_rss,
+                result.peak_tree_anon,
+                result.max_single_rss,
+                folder_bytes(out),
+                cached,
+                result.returncode,
+                result.samples,
+            )
+            records.append(record)
+            print(
+                f"{size.name} {gates} {method} #{repeat}: {record.wall_s:.1f} s (+sync {sync_s:.1f}), "
+                f"tree RSS {record.peak_tree_rss / GIB:.2f} GiB, single {record.max_single_rss / GIB:.2f} GiB, "
+                f"{record.output_bytes / 1e9:.2f} GB, inputs cached {_percent(cached)}, load {record.loadavg:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def summarize(records: list[RunRecord], prompts_total: dict[str, int]) -> list[dict[str, object]]:
+    """One row per (size, gates, method): medians, ranges, peaks, the ratio to the copy and prompts/s.
+
+    ratio_to_copy compares median wall+sync with the median copy (cp -r + sync) of the same size and gates.
+    prompts_per_s, for hidden gates: the prompts divided by the extra median wall+sync over random gates of
+    the same method and size (the cost of computing hidden states), when both were run.
+    """
+    keys = sorted({(r.size, r.gates, r.method) for r in records}, key=lambda k: (k[0], k[1], METHODS.index(k[2])))
+    rows: list[dict[str, object]] = []
+    for size, gates, method in keys:
+        runs = [r for r in records if (r.size, r.gates, r.method) == (size, gates, method)]
+        copies = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, gates, "copy")]
+        walls = [r.wall_s for r in runs]
+        totals = [r.total_s for r in runs]
+        row: dict[str, object] = {
+            "method": method,
+            "gates": gates,
+            "size": size,
+            "runs": len(runs),
+            "median_wall_s": statistics.median(walls),
+            "min_wall_s": min(walls),
+            "max_wall_s": max(walls),
+            "median_wall_sync_s": statistics.median(totals),
+            "peak_tree_rss_gib": max(r.peak_tree_rss for r in runs) / GIB,
+            "peak_tree_anon_gib": max(r.peak_tree_anon for r in runs) / GIB,
+            "max_single_rss_gib": max(r.max_single_rss for r in runs) / GIB,
+            "output_gb": statistics.median(r.output_bytes for r in runs) / 1e9,
+            "ratio_to_copy": statistics.median(totals) / statistics.median(copies) if copies else None,
+            "prompts_per_s": None,
+        }
+        random_runs = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, "random", method)]
+        if gates == "hidden" and random_runs and method != "copy":
+            extra = statistics.median(totals) - statistics.median(random_runs)
+            row["prompts_per_s"] = prompts_total[gates] / extra if extra > 0 else None
+        rows.append(row)
+    return rows
+
+
+def pair_ratios(records: list[RunRecord]) -> list[dict[str, object]]:
+    """moemerge / mergekit-moe wall+sync, repeat by repeat, and the median of those ratios."""
+    ratios = []
+    for size, gates in sorted({(r.size, r.gates) for r in records}):
+        by_repeat: dict[int, dict[str, float]] = {}
+        for r in records:
+            if (r.size, r.gates) == (size, gates):
+                by_repeat.setdefault(r.repeat, {})[r.method] = r.total_s
+        pairs = [v["moemerge"] / v["mergekit"] for v in by_repeat.values() if {"moemerge", "mergekit"} <= v.keys()]
+        if pairs:
+            ratios.append({"size": size, "gates": gates, "ratios": pairs, "median": statistics.median(pairs)})
+    return ratios
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    """The summary rows as a markdown table."""
+    header = (
+        "| method | gates | size | runs | median wall s | min–max s | median wall+sync s | peak tree RSS GiB "
+        "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | prompts/s |"
+    )
+    lines = [header, "|" + "---|" * 13]
+    for row in rows:
+        method = "copy (cp -r + sync)" if row["method"] == "copy" else row["method"]
+        cells = [
+            method,
+            row["gates"],
+            row["size"],
+            row["runs"],
+            _fmt(row["median_wall_s"], 1),
+            f"{row['min_wall_s']:.1f}–{row['max_wall_s']:.1f}",
+            _fmt(row["median_wall_sync_s"], 1),
+            _fmt(row["peak_tree_rss_gib"]),
+            _fmt(row["peak_tree_anon_gib"]),
+            _fmt(row["max_single_rss_gib"]),
+            _fmt(row["output_gb"]),
+            _fmt(row["ratio_to_copy"]),
+            _fmt(row["prompts_per_s"], 1),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--gates", default="random,hidden", help="comma-separated gate modes")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: moemerge,mergekit,copy")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--prompts-per-expert", dest="prompts", type=int, default=100)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-bench"))
+    parser.add_argument("--moemerge", help="the moemerge command (default: beside this python, else PATH)")
+    parser.add_argument("--mergekit", help="the mergekit-moe command (default: PATH, else /work/mkvenv)")
+    parser.add_argument("--poll-ms", type=float, default=20.0, help="RSS polling interval")
+    parser.add_argument("--json", type=Path, help="write runs and summary here")
+    parser.add_argument("--keep-outputs", action="store_true", help="leave the last outputs under WORKDIR/out")
+    args = parser.parse_args(argv)
+    args.gates = [g for g in args.gates.split(",") if g]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method {sorted(unknown)[0]}; choose from {', '.join(METHODS)}")
+    if "copy" in args.methods and "moemerge" not in args.methods:
+        parser.error("copy copies moemerge's output: include moemerge")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    size = SIZES[args.size]
+    tools = {"moemerge": find_moemerge(args.moemerge)}
+    if "mergekit" in args.methods:
+        mergekit = find_mergekit(args.mergekit)
+        if mergekit is None:
+            print("mergekit-moe not found; measuring moemerge only", file=sys.stderr)
+            args.methods.remove("mergekit")
+        else:
+            tools["mergekit"] = mergekit
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"{size.name}: dense {size.params() / 1e9:.2f}B params, MoE of {args.experts} experts "
+        f"{size.moe_params(args.experts) / 1e9:.2f}B ({2 * size.moe_params(args.experts) / 1e9:.2f} GB in bf16)",
+        file=sys.stderr,
+        flush=True,
+    )
+    records: list[RunRecord] = []
+    for gates in args.gates:
+        records += benchmark_gates(args, size, gates, tools)
+    if not args.keep_outputs:
+        for method in METHODS:
+            shutil.rmtree(args.workdir / "out" / method, ignore_errors=True)
+    prompts_total = {g: args.prompts * args.experts for g in args.gates}
+    rows = summarize(records, prompts_total)
+    ratios = pair_ratios(records)
+    print(markdown(rows))
+    for ratio in ratios:
+        listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
+        print(
+            f"\nmoemerge / mergekit-moe wall+sync, {ratio['size']} {ratio['gates']}: {ratio['median']:.2f} ({listed})"
+        )
+    if args.json:
+        report = {
+            "size": asdict(size),
+            "dense_params": size.params(),
+            "moe_params": size.moe_params(args.experts),
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "tools": {k: str(v) for k, v in tools.items()},
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")},
+            "summary": rows,
+            "pair_ratios": ratios,
+            "runs": [asdict(r) for r in records],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
