@@ -16,6 +16,11 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+try:  # typer vendors click since 0.20; older typer uses click itself
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click import ClickException
+
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.evaluate import evaluate
@@ -207,17 +212,27 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     argv = _with_default_verb(sys.argv[1:])
     try:
-        app(args=argv, prog_name="moemerge", standalone_mode=False)
+        code = app(args=argv, prog_name="moemerge", standalone_mode=False)
     except MoemergeError as exc:
         if DEBUG["on"]:
             raise
         err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: nothing was written to the output folder")
-        sys.exit(130)
+    except OSError as exc:  # disk full, permissions, a vanished mount: the OS's words, on one line
+        if DEBUG["on"]:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"[red]error:[/red] {where}{exc.strerror or exc}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except ClickException as exc:  # usage errors: a missing argument, a bad option value
+        err.print(f"[red]error:[/red] {exc.format_message()}", soft_wrap=True, highlight=False)
+        sys.exit(exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if DEBUG["on"]:
             raise
         err.print(f"[red]internal error:[/red] {exc.__class__.__name__}: {exc} (rerun with --debug for details)")
         sys.exit(2)
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        err.print("[red]interrupted[/red]: an unfinished merge leaves no output folder")
+    if isinstance(code, int) and code:
+        sys.exit(code)

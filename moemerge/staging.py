@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from pathlib import Path
 from moemerge.errors import MoemergeError
 
 PARTIAL_TAG = "moemerge-partial"
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
 
 
 def check_output(out: Path, force: bool, sources: list[Path]) -> None:
@@ -72,16 +75,30 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         if out.exists():
             if not force:
                 raise MoemergeError(f"{out} appeared while merging; it was left as it is and nothing was written")
-            old = out.parent / f".{out.name}.moemerge-replaced-{os.getpid()}"
-            out.rename(old)
-            partial.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _exchange(partial, out)
+            shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.rename(out)
         _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+def _exchange(new: Path, old: Path) -> None:
+    """Swap two folders in one step (Linux renameat2 RENAME_EXCHANGE), so OUT is never missing in between;
+    elsewhere fall back to two renames."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if (
+        renameat2 is not None
+        and renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(old), RENAME_EXCHANGE) == 0
+    ):
+        return
+    aside = old.parent / f".{old.name}.moemerge-replaced-{os.getpid()}"
+    old.rename(aside)
+    new.rename(old)
+    aside.rename(new)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -95,15 +95,20 @@ def write_shards(
     weight_map: dict[str, str] = {}
     for number, tensors in enumerate(shards, start=1):
         name = shard_name(number, len(shards))
-        with (folder / name).open("wb") as handle:
-            handle.write(_header(tensors))
-            for tensor in tensors:
-                _write_tensor(handle, tensor)
-                weight_map[tensor.name] = name
-                if on_tensor:
-                    on_tensor(tensor.nbytes)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with (folder / name).open("wb") as handle:
+                handle.write(_header(tensors))
+                for tensor in tensors:
+                    _write_tensor(handle, tensor)
+                    weight_map[tensor.name] = name
+                    if on_tensor:
+                        on_tensor(tensor.nbytes)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise MoemergeError(
+                f"could not write {name}: {exc.strerror or exc}; free disk space or write elsewhere"
+            ) from None
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map}
     write_json(folder / INDEX_NAME, index)
     return index
