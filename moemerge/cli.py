@@ -230,7 +230,8 @@ def main() -> None:
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if DEBUG["on"]:
             raise
-        err.print(f"[red]internal error:[/red] {exc.__class__.__name__}: {exc} (rerun with --debug for details)")
+        message = " ".join(f"{exc.__class__.__name__}: {exc}".split())
+        err.print(f"[red]internal error:[/red] {message} (rerun with --debug for details)", soft_wrap=True)
         sys.exit(2)
     if code == 130:  # typer turns Ctrl-C into exit code 130
         err.print("[red]interrupted[/red]: an unfinished merge leaves no output folder")

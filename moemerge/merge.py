@@ -112,6 +112,8 @@ def merge(
     progress = progress or Silent()
     started = time.perf_counter()
     recipe_path, out = Path(recipe_path), Path(out)
+    if options.batch_size < 1:
+        raise MoemergeError(f"--batch-size {options.batch_size}: must be at least 1")
     recipe = load_recipe(recipe_path)
     device = resolve_device(options.device)
     base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None)

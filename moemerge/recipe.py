@@ -91,7 +91,7 @@ class Recipe(BaseModel):
     experts: list[ExpertSpec] = Field(min_length=2)
     gate_mode: GateMode = "hidden"
     dtype: str | None = None
-    experts_per_token: int = Field(default=2, ge=1)
+    experts_per_token: int = Field(default=2, ge=1, strict=True)
     gate_scale: float = Field(default=10.0, gt=0)
     dataset_csv: str | None = None
     training: TrainingSpec = TrainingSpec()
@@ -105,6 +105,11 @@ class Recipe(BaseModel):
         if key not in DTYPE_ALIASES:
             raise ValueError(f"unknown dtype {value!r}; use bfloat16, float16 or float32")
         return DTYPE_ALIASES[key]
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_as_string(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -124,7 +129,12 @@ class Recipe(BaseModel):
                     )
             seen: dict[tuple[str, ...], int] = {}
             for i, expert in enumerate(self.experts):
-                key = tuple(sorted(expert.positive_prompts)) + ("\0",) + tuple(sorted(expert.negative_prompts))
+                key = (
+                    tuple(sorted({p.strip() for p in expert.positive_prompts} - {""})),
+                    tuple(sorted({p.strip() for p in expert.negative_prompts} - {""})),
+                    expert.positive_prompts_file,
+                    expert.negative_prompts_file,
+                )
                 if key in seen:
                     raise ValueError(
                         f"experts[{seen[key]}] and experts[{i}] have identical prompts, so their routers would "
@@ -138,7 +148,10 @@ class Recipe(BaseModel):
         names: list[str] = []
         for i, expert in enumerate(self.experts):
             name = expert.name or Path(expert.source_model.split("+")[-1].rstrip("/")).name or f"expert{i}"
-            names.append(name if name not in names else f"{name}-{i}")
+            unique, suffix = name, i
+            while unique in names:
+                unique, suffix = f"{name}-{suffix}", suffix + 1
+            names.append(unique)
         return names
 
 
@@ -149,7 +162,8 @@ def _key_path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part).encode("unicode_escape").decode("ascii")  # a key with a newline stays on one line
+            out += f".{text}" if out else text
     return out
 
 
@@ -195,6 +209,8 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise MoemergeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+    except RecursionError:
+        raise MoemergeError(f"{path}: the YAML is nested too deeply to be a recipe") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

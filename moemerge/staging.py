@@ -33,9 +33,12 @@ def check_output(out: Path, force: bool, sources: list[Path]) -> None:
 
 
 def _existing_parent(path: Path) -> Path:
+    """The nearest folder above OUT that exists; a file in the way is refused now, not after the gates."""
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise MoemergeError(f"{parent} is a file, so {path} cannot be created under it; choose another output folder")
     return parent
 
 

@@ -556,14 +556,8 @@ CASES = [
     option_case("unknown_option", ["--bogus"], "No such option: --bogus"),
     option_case("seed_abc", ["--seed", "abc"], "'--seed'"),
     c_missing_out_argument,
-]
-
-BUG = "moemerge bug (see the report): "
-KNOWN_BUGS = [
-    pytest.param(
-        option_case("batch_size_zero", ["--batch-size", "0"], "--batch-size"),
-        marks=pytest.mark.xfail(strict=True, reason=BUG + "range() ValueError escapes as an internal error"),
-    ),
+    option_case("batch_size_zero", ["--batch-size", "0"], "--batch-size"),
+    option_case("batch_size_negative", ["--batch-size", "-1"], "--batch-size"),
 ]
 
 
@@ -602,7 +596,7 @@ def check_refused(result: Result, case: Case, before: dict[str, bytes] | None) -
     return line
 
 
-@pytest.mark.parametrize("make_case", CASES + KNOWN_BUGS, ids=_id)
+@pytest.mark.parametrize("make_case", CASES, ids=_id)
 def test_bad_input_is_refused_in_one_line(cli, models, tmp_path, make_case):
     case = make_case(tmp_path, models)
     before = snapshot(case.out) if case.keep_out else None

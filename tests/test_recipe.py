@@ -220,7 +220,6 @@ def test_expert_names(sources, names, expected):
     assert parse_recipe(recipe(*experts)).expert_names() == expected
 
 
-@pytest.mark.xfail(strict=True, reason="moemerge bug: the '-{i}' suffix is not checked against earlier names")
 def test_expert_names_unique_when_a_name_looks_like_a_suffix():
     loaded = parse_recipe(recipe(expert("x-2"), expert("a/x"), expert("b/x")))
     names = loaded.expert_names()
@@ -435,7 +434,6 @@ def test_prompt_files_count_as_prompts():
     assert parse_recipe(data).experts[1].positive_prompts_file == "prompts/math.txt"
 
 
-@pytest.mark.xfail(strict=True, reason="moemerge bug: experts with only prompt files compare as identical prompts")
 def test_experts_with_only_prompt_files_are_not_identical():
     data = recipe(
         {"source_model": "a", "positive_prompts_file": "code.txt"},
@@ -455,7 +453,6 @@ def test_training_typo_names_the_nested_key():
     assert message.startswith("recipe: training.step: unknown key; did you mean `steps`?")
 
 
-@pytest.mark.xfail(strict=True, reason="moemerge bug: PyYAML's RecursionError on deep nesting escapes load_recipe")
 def test_deeply_nested_yaml_is_a_moemerge_error(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("base_model: " + "[" * 1000 + "]" * 1000 + "\n", encoding="utf-8")
@@ -463,7 +460,6 @@ def test_deeply_nested_yaml_is_a_moemerge_error(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.xfail(strict=True, reason="moemerge bug: an unknown key is echoed raw, so a newline in it splits the line")
 def test_unknown_key_with_a_newline_stays_one_line():
     error_of(recipe(**{"gate\nmode": "hidden"}))
 
