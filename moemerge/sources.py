@@ -138,9 +138,13 @@ class ModelSource:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                    files = [self.path / name for name in sorted(set(weight_map.values()))]
+                    names = sorted(set(weight_map.values()))
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     raise MoemergeError(f"{index}: corrupt index (no weight_map)") from None
+                escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+                if escaping:
+                    raise MoemergeError(f"{index}: shard name {escaping[0]!r} points outside the model folder; refused")
+                files = [self.path / name for name in names]
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise MoemergeError(f"{index}: lists shard {missing[0]}, which is missing from {self.path}")

@@ -700,3 +700,21 @@ def test_force_replaces_an_existing_output(cli, models, tmp_path):
     assert (out / "config.json").is_file()
     assert (out / "model.safetensors.index.json").is_file()
     assert leftovers(out) == []
+
+
+def test_index_naming_a_file_outside_the_model_is_refused(tmp_path):
+    """An index is data from the internet: a shard name must be a plain file name inside the model folder."""
+    base = make_base(tmp_path / "base")
+    secret = tmp_path / "secret.safetensors"
+    (base / "model.safetensors").rename(secret)
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../secret.safetensors"}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    recipe = write_recipe(tmp_path / "r.yaml", base, [base, base], gate_mode="random")
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "moemerge"), str(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert "points outside the model folder" in run.stderr
+    assert not (tmp_path / "out").exists()
