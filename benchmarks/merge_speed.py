@@ -278,6 +278,16 @@ def measure(command: list[str], log: Path, poll_s: float) -> Measurement:
     return Measurement(wall, peak_rss, peak_anon, usage.ru_maxrss * 1024, process.returncode, samples)
 
 
+def source_revision() -> str:
+    """The moemerge commit being measured, with "+dirty" when moemerge/ has uncommitted changes."""
+    repo = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "moemerge"], capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
 def timed_sync() -> float:
     """Seconds that `sync` takes: the writeback a finished command left behind (and anything else dirty)."""
     started = time.perf_counter()
@@ -333,6 +343,7 @@ class RunRecord:
     inputs_cached: float | None
     returncode: int
     samples: int
+    revision: str
     loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
@@ -405,6 +416,7 @@ def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools
             else:
                 command, inputs = merge_command(method, tools[method], recipe, out), [base, *experts]
             log = workdir / "logs" / f"{size.name}-{gates}-{method}-{repeat}.log"
+            revision = source_revision()
             result, sync_s, cached = run_one(method, command, out, inputs, log, args.poll_ms / 1000)
             record = RunRecord(
                 method,
@@ -421,12 +433,14 @@ def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools
                 cached,
                 result.returncode,
                 result.samples,
+                revision,
             )
             records.append(record)
             print(
                 f"{size.name} {gates} {method} #{repeat}: {record.wall_s:.1f} s (+sync {sync_s:.1f}), "
                 f"tree RSS {record.peak_tree_rss / GIB:.2f} GiB, single {record.max_single_rss / GIB:.2f} GiB, "
-                f"{record.output_bytes / 1e9:.2f} GB, inputs cached {_percent(cached)}, load {record.loadavg:.1f}",
+                f"{record.output_bytes / 1e9:.2f} GB, inputs cached {_percent(cached)}, load {record.loadavg:.1f}, "
+                f"moemerge {revision}",
                 file=sys.stderr,
                 flush=True,
             )

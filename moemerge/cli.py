@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.evaluate import evaluate
+from moemerge.hub import check_push_target, push
 from moemerge.merge import MergeOptions, MergeSummary, merge
 from moemerge.prompts import read_dataset_csv, read_prompt_file
 from moemerge.routing import load_moe, route
@@ -72,13 +73,43 @@ def merge_command(
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass for hidden gates.")] = 16,
+    push_to_hub: Annotated[str | None, typer.Option(help="Then upload OUT to this Hub repo (org/name).")] = None,
+    private: Annotated[bool, typer.Option(help="Create the Hub repo private (with --push-to-hub).")] = False,
+    revision: Annotated[str | None, typer.Option(help="Push to this branch (with --push-to-hub).")] = None,
+    create_pr: Annotated[bool, typer.Option(help="Push as a pull request (with --push-to-hub).")] = False,
 ) -> None:
     """Merge RECIPE into the folder OUT."""
+    if push_to_hub is not None:  # a bad target or a missing token is refused before the merge, not after it
+        check_push_target(push_to_hub, revision, create_pr)
+    elif private or revision or create_pr:
+        raise MoemergeError("--private, --revision and --create-pr go with --push-to-hub org/name")
     options = MergeOptions(device, dtype, seed, parse_size(shard_size), force, allow_pickle, batch_size)
+    options.hub_repo_id = push_to_hub
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bars:
         summary = merge(recipe, out, options, RichBars(bars))
     _print_summary(summary)
+    if push_to_hub is not None:
+        _push(out, push_to_hub, private, revision, create_pr)
+
+
+def _push(out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool) -> None:
+    err.print(f"pushing {out} to {repo_id}" + (f" (branch {revision})" if revision else ""), highlight=False)
+    url = push(out, repo_id, private=private, revision=revision, create_pr=create_pr)
+    err.print(f"[green]pushed[/green] {out} to {url}", soft_wrap=True, highlight=False)
+
+
+@app.command("push")
+def push_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repo (org/name); created if missing.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private (an existing one keeps its own).")] = False,
+    revision: Annotated[str | None, typer.Option(help="Push to this branch (created from main if missing).")] = None,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing to main.")] = False,
+) -> None:
+    """Upload OUT to the Hugging Face Hub; rerun the same command to resume an interrupted upload."""
+    check_push_target(repo_id, revision, create_pr)
+    _push(out, repo_id, private, revision, create_pr)
 
 
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from moemerge.arch import check_expert_shape, check_tensor_names, dense_shape
-from moemerge.card import model_card
+from moemerge.card import base_license, model_card
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.experts import Expert
 from moemerge.gates.compute import GateContext, compute_gates
+from moemerge.hub import HubFetcher
 from moemerge.lora import LoraAdapter
 from moemerge.mixtral import mixtral_config
 from moemerge.plan import build_plan
@@ -56,6 +57,7 @@ class MergeOptions:
     force: bool = False
     allow_pickle: bool = False
     batch_size: int = 16
+    hub_repo_id: str | None = None  # the Hub repo the output is meant for: named in the model card (cli pushes)
 
 
 @dataclass
@@ -79,13 +81,15 @@ def _output_dtype(options: MergeOptions, recipe: Recipe, base: ModelSource) -> t
     return getattr(torch, DTYPE_ALIASES[str(name).lower()])
 
 
-def _open_experts(recipe: Recipe, recipe_dir: Path, base: ModelSource, options: MergeOptions) -> list[Expert]:
+def _open_experts(
+    recipe: Recipe, recipe_dir: Path, base: ModelSource, options: MergeOptions, hub: HubFetcher | None = None
+) -> list[Expert]:
     """Each expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily."""
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     experts = []
     for i, spec in enumerate(recipe.experts):
         key = f"experts[{i}].source_model"
-        ref = resolve_reference(spec.source_model, key, recipe_dir, base.path)
+        ref = resolve_reference(spec.source_model, key, recipe_dir, base.path, hub)
         model = opened.get(ref.model.resolve())
         if model is None:
             model = ModelSource(ref.model, key, options.allow_pickle)
@@ -116,11 +120,13 @@ def merge(
         raise MoemergeError(f"--batch-size {options.batch_size}: must be at least 1")
     recipe = load_recipe(recipe_path)
     device = resolve_device(options.device)
-    base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None)
+    check_output(out, options.force, [])  # before any download: an existing OUT is refused now
+    hub = HubFetcher(options.allow_pickle)  # Hub ids → cached folders; records each source's commit
+    base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None, hub)
     base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
     shape = dense_shape(base)
     check_tensor_names(base, shape)
-    experts = _open_experts(recipe, recipe_path.parent, base, options)
+    experts = _open_experts(recipe, recipe_path.parent, base, options, hub)
     for expert in experts:
         label = f"experts[{expert.index}]"
         check_expert_shape(shape, dense_shape(expert.model), label)
@@ -159,13 +165,18 @@ def merge(
                 "experts_per_token": recipe.experts_per_token,
                 "seed": options.seed,
                 "recipe": recipe.model_dump(mode="json"),
+                "sources": hub.sources,
             },
         )
         if result.report is not None:
             write_json(partial / TRAINING_REPORT, result.report.as_dict())
         stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
-        license_id = base.config.get("license")
-        (partial / "README.md").write_text(model_card(recipe, recipe_text, stats, license_id), encoding="utf-8")
+        stats["dtype"] = str(dtype).removeprefix("torch.")
+        training = result.report.as_dict() if result.report is not None else None
+        card = model_card(
+            recipe, recipe_text, stats, base_license(base.path, base.config), hub.sources, training, options.hub_repo_id
+        )
+        (partial / "README.md").write_text(card, encoding="utf-8")
         check_structure(partial)
     return MergeSummary(
         out,

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.safetensors_header import TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from moemerge.hub import HubFetcher
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -30,25 +34,34 @@ def find_path(text: str, recipe_dir: Path) -> Path | None:
     return None
 
 
-def resolve_reference(text: str, key: str, recipe_dir: Path, base: Path | None) -> Reference:
-    """Turn `path`, `adapter_dir` (applied to the base) or mergekit's `model+adapter` into folders."""
-    found = find_path(text, recipe_dir)
+def resolve_reference(
+    text: str, key: str, recipe_dir: Path, base: Path | None, hub: HubFetcher | None = None
+) -> Reference:
+    """Turn `path`, `adapter_dir` (applied to the base), mergekit's `model+adapter`, or a Hub id
+    `org/name[@revision]` (when no such local path exists; see moemerge.hub) into folders.
+    `hub` downloads, and records what each key resolved to."""
+    from moemerge.hub import HubFetcher
+
+    hub = hub if hub is not None else HubFetcher()
+    found = find_path(text, recipe_dir) or hub.fetch(text, key, "base" if base is None else "expert")
     if found is None and "+" in text:
         model_text, adapter_text = text.rsplit("+", 1)
-        model = resolve_reference(model_text, key, recipe_dir, base)
-        adapter = find_path(adapter_text, recipe_dir)
+        model = resolve_reference(model_text, key, recipe_dir, base, hub)
+        adapter = find_path(adapter_text, recipe_dir) or hub.fetch(adapter_text, key, "adapter")
         if adapter is None:
             raise MoemergeError(f"{key}: adapter {adapter_text!r} not found")
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise MoemergeError(f"{key}: {adapter} has no {ADAPTER_CONFIG}; the part after '+' must be a LoRA adapter")
+        hub.note(key, model.model, adapter)
         return Reference(model.model, adapter)
     if found is None:
         raise MoemergeError(
             f"{key}: {text!r} not found (looked in the working directory and next to the recipe); "
-            "give a local model folder"
+            "give a local model folder or a Hub id (org/name)"
         )
     if not found.is_dir():
         raise MoemergeError(f"{key}: {found} is a file; give the model's folder (with config.json and weights)")
+    hub.note(key, found)
     if (found / ADAPTER_CONFIG).is_file():
         if base is None:
             raise MoemergeError(f"{key}: {found} is a LoRA adapter; base_model must be a full model")

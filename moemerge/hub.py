@@ -1,0 +1,398 @@
+"""The Hugging Face Hub: recipe references by id (`org/name[@revision]`) and pushing outputs.
+
+Downloads go through `huggingface_hub` as it is configured (HF_TOKEN or the login cache, HF_ENDPOINT,
+HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE), into its ordinary cache, so a second merge reuses what the first
+fetched, also offline. Only what a merge reads is fetched:
+
+- every source: config.json, adapter_config.json and the weight index;
+- the base: also generation config, tokenizer files, chat template, README.md (for the licence) and every
+  weight shard;
+- a full-model expert: only the shards that hold `model.layers.*.mlp.*` tensors (everything else comes
+  from the base);
+- a LoRA adapter: adapter_model.safetensors.
+
+Never fetched: `consolidated*`, `original/*`, GGUF, `.pth`/`.pt`, and pickled `.bin` unless --allow-pickle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from moemerge.errors import MoemergeError
+
+CONFIG = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+BASE_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "README.md",
+)
+# A guard under every allow-list: none of these is ever fetched, whatever an index says.
+NEVER = ["consolidated*", "original/*", "*.gguf", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.ckpt"]
+MLP_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.")
+# Hub rules: `namespace/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`; no leading/trailing `-`/`.`.
+_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"({_PART})/({_PART})")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """'org/name' or 'org/name@revision' → (repo id, revision or None); anything else → None."""
+    repo_id, at, revision = text.strip().partition("@")
+    if not HUB_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
+        return None
+    if at and (not revision or any(c.isspace() for c in revision)):
+        return None
+    return repo_id, (revision or None) if at else None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _hub_error(exc: BaseException, key: str, text: str, repo_id: str, revision: str | None) -> MoemergeError:
+    """huggingface_hub's exceptions (several lines each) → one line naming the recipe key and the id."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{key}: {text!r}"
+    if isinstance(exc, GatedRepoError):
+        return MoemergeError(f"{where}: {repo_id} is gated on the Hub; accept its terms on its page and log in")
+    if isinstance(exc, RepositoryNotFoundError):
+        return MoemergeError(
+            f"{where} is not a local folder, and the Hugging Face Hub has no model {repo_id} "
+            "(or it is private and your token cannot read it)"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return MoemergeError(f"{where}: the Hub model {repo_id} has no revision {revision!r}")
+    if isinstance(exc, IncompleteSnapshotError):
+        return MoemergeError(
+            f"{where}: the cached copy of {repo_id} is incomplete and the Hub cannot be reached; "
+            "rerun with network access (unset HF_HUB_OFFLINE)"
+        )
+    if isinstance(exc, LocalEntryNotFoundError):
+        return MoemergeError(
+            f"{where}: {repo_id} is not in the Hugging Face cache and the Hub cannot be reached "
+            "(HF_HUB_OFFLINE is set, or no network); rerun online once to fill the cache"
+        )
+    if isinstance(exc, EntryNotFoundError):
+        return MoemergeError(f"{where}: a file of {repo_id} is missing on the Hub ({_one_line(exc)[:200]})")
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return MoemergeError(f"{where}: downloading {repo_id} failed with HTTP {status}")
+    return MoemergeError(f"{where}: downloading {repo_id} failed ({exc.__class__.__name__}: {_one_line(exc)[:200]})")
+
+
+def _escape(name: str) -> str:
+    """An exact file name as an fnmatch pattern (shard names may hold `[`)."""
+    return glob.escape(name)
+
+
+def _origin_of_cache_path(path: Path) -> str | None:
+    """A folder inside the Hub cache (…/models--org--name/snapshots/<sha>) → 'org/name'."""
+    for part in reversed(path.resolve().parts):
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+class HubFetcher:
+    """Resolves recipe references that are Hub ids, and notes what every reference resolved to.
+
+    `endpoint` and `cache_dir` default to huggingface_hub's own settings (HF_ENDPOINT, HF_HUB_CACHE).
+    """
+
+    def __init__(self, allow_pickle: bool = False, endpoint: str | None = None, cache_dir: str | None = None):
+        self.allow_pickle = allow_pickle
+        self.endpoint = endpoint
+        self.cache_dir = cache_dir
+        self.origins: dict[Path, dict[str, Any]] = {}  # a resolved local folder → its Hub id, revision, commit
+        self.sources: dict[str, Any] = {}  # recipe key → what it resolved to, for moemerge.json
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def describe(self, folder: Path) -> dict[str, Any]:
+        resolved = folder.resolve()
+        return dict(self.origins.get(resolved) or {"path": str(resolved)})
+
+    def note(self, key: str, model: Path, adapter: Path | None = None) -> None:
+        """Record what `key` resolved to: one source, or mergekit's model+adapter pair."""
+        if adapter is None:
+            self.sources[key] = self.describe(model)
+        else:
+            self.sources[key] = {"model": self.describe(model), "adapter": self.describe(adapter)}
+
+    # -- downloading -----------------------------------------------------------------------------
+
+    def fetch(self, text: str, key: str, role: str) -> Path | None:
+        """Download what `role` ('base', 'expert' or 'adapter') needs of the Hub id `text`; None if `text`
+        is not a Hub id. Returns a local folder the rest of moemerge reads like any other."""
+        parsed = parse_hub_id(text)
+        if parsed is None:
+            return None
+        repo_id, revision = parsed
+        try:
+            folder, commit = self._fetch(repo_id, revision, role, key, text)
+        except MoemergeError:
+            raise
+        except Exception as exc:  # huggingface_hub / httpx / OS errors: one line naming key and id
+            raise _hub_error(exc, key, text, repo_id, revision) from None
+        origin = {"id": repo_id, "revision": revision or "main", "commit": commit}
+        self.origins[folder.resolve()] = origin
+        return folder
+
+    def _download(self, repo_id: str, revision: str | None, allow: list[str]) -> Path:
+        from huggingface_hub import snapshot_download
+
+        ignore = list(NEVER) + ([] if self.allow_pickle else ["*.bin"])
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=allow,
+                ignore_patterns=ignore,
+                endpoint=self.endpoint,
+                cache_dir=self.cache_dir,
+            )
+        )
+
+    def _listing(self, repo_id: str, commit: str | None) -> set[str] | None:
+        """The repo's file names at `commit`, from the tree listing huggingface_hub cached (no request)."""
+        try:
+            from huggingface_hub import get_cached_repo_tree
+        except ImportError:  # pragma: no cover - older huggingface_hub
+            return None
+        if commit is None:
+            return None
+        try:
+            return {f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=self.cache_dir)}
+        except Exception:
+            return None
+
+    def _fetch(self, repo_id: str, revision: str | None, role: str, key: str, text: str) -> tuple[Path, str | None]:
+        first = [CONFIG, ADAPTER_CONFIG, SAFETENSORS_INDEX] + ([PICKLE_INDEX] if self.allow_pickle else [])
+        if role == "base":
+            first += BASE_SIDE_FILES
+        folder = self._download(repo_id, revision, first)
+        commit = folder.name if COMMIT.fullmatch(folder.name) else None
+        pinned = commit or revision  # later downloads read the very commit the first one resolved
+        listing = self._listing(repo_id, commit)
+        if (folder / ADAPTER_CONFIG).is_file() or role == "adapter":
+            if not (folder / ADAPTER_CONFIG).is_file():
+                raise MoemergeError(
+                    f"{key}: {text!r} has no {ADAPTER_CONFIG}; the part after '+' must be a LoRA adapter"
+                )
+            names = self._adapter_weights(listing)
+            self._download(repo_id, pinned, first + [_escape(n) for n in names])
+            return folder, commit
+        if not (folder / CONFIG).is_file():
+            raise MoemergeError(f"{key}: the Hub model {repo_id} has no {CONFIG}; is it a transformers model?")
+        for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+            if (folder / index_name).is_file():
+                return self._fetch_sharded(repo_id, pinned, folder, index_name, first, role, key), commit
+        names = self._single_weights(listing)
+        self._download(repo_id, pinned, first + [_escape(n) for n in names])
+        if not any(folder.glob("*.safetensors")) and not (self.allow_pickle and any(folder.glob("*.bin"))):
+            hint = "" if self.allow_pickle else " (pickled .bin weights need --allow-pickle)"
+            raise MoemergeError(f"{key}: the Hub model {repo_id} has no safetensors weights moemerge reads{hint}")
+        return folder, commit
+
+    def _adapter_weights(self, listing: set[str] | None) -> list[str]:
+        wanted = ["adapter_model.safetensors"] + (["adapter_model.bin"] if self.allow_pickle else [])
+        if listing is None:
+            return wanted
+        if "adapter_model.safetensors" in listing:
+            return ["adapter_model.safetensors"]
+        return [n for n in wanted if n in listing]
+
+    def _single_weights(self, listing: set[str] | None) -> list[str]:
+        """No index: the one weight file, as transformers would pick it."""
+        preferred = ["model.safetensors"] + (["pytorch_model.bin"] if self.allow_pickle else [])
+        if listing is None:
+            return preferred
+        for name in preferred:
+            if name in listing:
+                return [name]
+        return sorted(n for n in listing if "/" not in n and n.endswith(".safetensors") and "consolidated" not in n)
+
+    def _fetch_sharded(
+        self, repo_id: str, pinned: str | None, folder: Path, index_name: str, first: list[str], role: str, key: str
+    ) -> Path:
+        index_file = folder / index_name
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            raise MoemergeError(f"{key}: {repo_id}'s {index_name} is corrupt (no weight_map)") from None
+        bad = [s for s in shards if not isinstance(s, str) or "/" in s or s in ("", ".", "..")]
+        if bad:
+            raise MoemergeError(f"{key}: {repo_id}'s {index_name} names shard {bad[0]!r} outside the model folder")
+        if role != "base":  # an expert gives only its MLPs; the rest comes from the base
+            shards = sorted({shard for name, shard in weight_map.items() if MLP_TENSOR.match(name)})
+            if not shards:
+                raise MoemergeError(f"{key}: {repo_id}'s {index_name} lists no model.layers.*.mlp.* tensors")
+        self._download(repo_id, pinned, first + [_escape(s) for s in shards])
+        if role == "base" or all((folder / s).is_file() for s in set(weight_map.values())):
+            return folder
+        return _mlp_view(folder, index_name, weight_map, shards)
+
+
+_VIEWS: list[Path] = []
+
+
+def _remove_views() -> None:
+    for view in _VIEWS:
+        shutil.rmtree(view, ignore_errors=True)
+
+
+atexit.register(_remove_views)
+
+
+def _mlp_view(folder: Path, index_name: str, weight_map: dict[str, str], shards: Iterable[str]) -> Path:
+    """A folder of links to the config and the fetched shards, with an index of just their tensors, so an
+    expert reads like a model folder without the shards it does not need (the cache itself is not touched)."""
+    kept = set(shards)
+    view = Path(tempfile.mkdtemp(prefix="moemerge-expert-"))
+    _VIEWS.append(view)
+    for name in [CONFIG, *sorted(kept)]:
+        (view / name).symlink_to((folder / name).resolve())
+    index = {"metadata": {}, "weight_map": {k: v for k, v in weight_map.items() if v in kept}}
+    (view / index_name).write_text(json.dumps(index), encoding="utf-8")
+    return view
+
+
+def origin_name(entry: dict[str, Any]) -> str | None:
+    """A source as the Hub names it, for a model card's base_model: its id, or the id of a cached folder."""
+    if "id" in entry:
+        return entry["id"]
+    if "path" in entry:
+        return _origin_of_cache_path(Path(entry["path"])) or Path(entry["path"]).name
+    return None
+
+
+# -- pushing ---------------------------------------------------------------------------------------
+
+
+def check_push_target(repo_id: str, revision: str | None, create_pr: bool, need_token: bool = True) -> None:
+    """Refuse a bad target before any work: a malformed id, --create-pr with --revision, no token."""
+    if parse_hub_id(repo_id) is None or "@" in repo_id:
+        raise MoemergeError(f"{repo_id!r} is not a Hub repo id; use namespace/name (e.g. my-org/my-moe)")
+    if create_pr and revision:
+        raise MoemergeError("--create-pr opens a pull request against main; drop --revision, or push to the branch")
+    if need_token:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise MoemergeError(
+                "pushing needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN"
+            )
+
+
+def _resume_command(out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool) -> str:
+    flags = (" --private" if private else "") + (f" --revision {revision}" if revision else "")
+    flags += " --create-pr" if create_pr else ""
+    return f"moemerge push {out} {repo_id}{flags}"
+
+
+def _push_error(exc: BaseException) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    if isinstance(exc, LocalTokenNotFoundError):
+        return "no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
+    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        server = f": {_one_line(exc.server_message)[:160]}" if exc.server_message else ""
+        if status in (401, 403):
+            return f"HTTP {status}, the token cannot write to this repo{server}"
+        return f"HTTP {status}{server}"
+    return f"{exc.__class__.__name__}: {_one_line(exc)[:200]}"
+
+
+def _scrub(text: str) -> str:
+    """Belt and braces: whatever a server echoes, the user's token is never printed."""
+    try:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    except Exception:  # pragma: no cover
+        token = None
+    return text.replace(token, "***") if token else text
+
+
+def push(
+    out: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    api: Any = None,
+) -> str:
+    """Upload the output folder `out` to the Hub model repo `repo_id`; returns the URL to look at.
+
+    The repo is created if missing (`private` applies only then: an existing repo keeps its visibility);
+    `revision` names a branch, created from main if missing. huggingface_hub 2.x's `upload_folder` is itself
+    resumable (streamed multi-commit upload; re-running skips what was committed, and Xet deduplicates what
+    was uploaded), so it is used; an older huggingface_hub's `upload_large_folder` serves the same purpose
+    and is used when present, except for pull requests, which it cannot open. `api` is an `HfApi`.
+    """
+    out = Path(out)
+    check_push_target(repo_id, revision, create_pr, need_token=False)
+    if not (out / CONFIG).is_file() or not (out / "moemerge.json").is_file():
+        raise MoemergeError(f"{out}: not a moemerge output (no config.json / moemerge.json); nothing was pushed")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    message = f"Upload {out.name} with moemerge"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        large = getattr(api, "upload_large_folder", None)
+        if large is not None and not create_pr:
+            large(repo_id=repo_id, folder_path=out, repo_type="model", revision=revision, private=private)
+            url = f"{api.endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
+        else:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=out,
+                repo_type="model",
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=message,
+            )
+            url = getattr(info, "pr_url", None) or f"{api.endpoint}/{repo_id}" + (
+                f"/tree/{revision}" if revision else ""
+            )
+    except (Exception, KeyboardInterrupt) as exc:
+        resume = _resume_command(out, repo_id, private, revision, create_pr)
+        raise MoemergeError(
+            _scrub(f"push to {repo_id} failed ({_push_error(exc)}); {out} is intact; resume with: {resume}")
+        ) from None
+    return url
