@@ -36,6 +36,11 @@ class Routing:
         one_hot = torch.nn.functional.one_hot(self.choices, self.logits.shape[-1]).sum(dim=2).float()
         return one_hot.mean(dim=1)
 
+    def layer_top1(self) -> torch.Tensor:
+        """[layers]: per layer, the expert that is the first choice of most tokens."""
+        first = torch.nn.functional.one_hot(self.logits.argmax(dim=-1), self.logits.shape[-1]).sum(dim=1)
+        return first.argmax(dim=-1)
+
     def top1_accuracy(self, expert: int) -> torch.Tensor:
         """[layers]: the fraction of tokens whose highest-scoring expert is `expert`."""
         return (self.logits.argmax(dim=-1) == expert).float().mean(dim=1)
