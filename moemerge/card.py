@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from moemerge.hub import origin_name
+from moemerge.hub import origin_name, parse_hub_id
 from moemerge.recipe import Recipe
 
 TAGS = ["moe", "mixtral", "merge", "moemerge"]
@@ -51,8 +51,9 @@ def base_license(folder: Path, config: dict[str, Any]) -> str | None:
 
 def _names(entry: Any, fallback: str) -> list[str]:
     """Hub ids (or folder names) of one recipe source; a model+adapter pair gives both."""
-    if not isinstance(entry, dict):
-        return [fallback]
+    if not isinstance(entry, dict):  # not resolved: read the recipe's string
+        parts = [parse_hub_id(part) for part in fallback.split("+")]
+        return [p[0] if p else Path(t.rstrip("/")).name or t for p, t in zip(parts, fallback.split("+"), strict=True)]
     if "model" in entry and "adapter" in entry:
         return [n for part in (entry["model"], entry["adapter"]) for n in _names(part, fallback)]
     return [origin_name(entry) or fallback]

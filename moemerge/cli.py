@@ -27,7 +27,7 @@ from moemerge.evaluate import evaluate
 from moemerge.hub import check_push_target, push
 from moemerge.merge import MergeOptions, MergeSummary, merge
 from moemerge.prompts import read_dataset_csv, read_prompt_file
-from moemerge.routing import load_moe, route
+from moemerge.routing import Routing, load_moe, route
 from moemerge.verify import verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build a Mixtral MoE from a base model and experts.")
@@ -115,13 +115,9 @@ def push_command(
 COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
 
 
-def _layer_strip(layer_shares, names: list[str]) -> str:
-    """One coloured cell per layer: the expert that most tokens of that layer were sent to."""
-    cells = []
-    for shares in layer_shares:
-        top = int(shares.argmax())
-        cells.append(f"[{COLORS[top % len(COLORS)]}]{str(top)[-1]}[/]")
-    return "".join(cells)
+def _layer_strip(routing: Routing) -> str:
+    """One coloured digit per layer: the expert that is the first choice of most tokens in that layer."""
+    return "".join(f"[{COLORS[int(e) % len(COLORS)]}]{int(e) % 10}[/]" for e in routing.layer_top1())
 
 
 @app.command("route")
@@ -149,20 +145,21 @@ def route_command(
                 "tokens": r.logits.shape[1],
                 "shares": dict(zip(names, r.shares().tolist(), strict=True)),
                 "top_expert": names[int(r.shares().argmax())],
-                "layer_top_expert": [names[int(i)] for i in r.layer_shares().argmax(dim=-1)],
+                "layer_top_expert": [names[int(i)] for i in r.layer_top1()],
                 "layer_shares": r.layer_shares().tolist(),
             }
             for text, r in results
         ]
         print(json.dumps({"experts": names, "top_k": model.config.num_experts_per_tok, "prompts": rows}, indent=2))
         return
-    table = Table(title=f"routing (top-{model.config.num_experts_per_tok}); layer strip: most-chosen expert per layer")
+    top_k = model.config.num_experts_per_tok
+    table = Table(title=f"routing (top-{top_k}); layer strip: most tokens' first-choice expert")
     table.add_column("prompt", max_width=40, overflow="ellipsis", no_wrap=True)
     table.add_column("layers 0→" + str(model.config.num_hidden_layers - 1))
     for name in names:
         table.add_column(name, justify="right")
     for text, r in results:
-        table.add_row(text.replace("\n", " "), _layer_strip(r.layer_shares(), names), *(f"{v:.2f}" for v in r.shares()))
+        table.add_row(text.replace("\n", " "), _layer_strip(r), *(f"{v:.2f}" for v in r.shares()))
     legend = "  ".join(f"[{COLORS[i % len(COLORS)]}]{str(i)[-1]}[/]={name}" for i, name in enumerate(names))
     console = Console()
     console.print(table)
@@ -205,6 +202,35 @@ def verify_command(
     """Check an output: index, shard headers, names/shapes/dtypes against config.json, finite values, loading."""
     count = verify(out, deep)
     err.print(f"[green]ok[/green]: {out} holds {count} tensors that match its config" + (" and loads" if deep else ""))
+
+
+@app.command("serve")
+def serve_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: OUT's folder name).")] = None,
+) -> None:
+    """Serve OUT over an OpenAI-compatible HTTP API whose replies say which experts answered."""
+    from moemerge.serve import serve  # FastAPI and uvicorn only for this command
+
+    serve(out, host, port, resolve_device(device), model_name)
+
+
+@app.command("chat")
+def chat_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    system: Annotated[str | None, typer.Option(help="A system message to start with.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy (default: the model's, else 1).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Longest answer (default: the rest of the context).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+) -> None:
+    """Chat with OUT in the terminal; after each answer, a bar of the experts' shares."""
+    from moemerge.chat import chat
+
+    chat(out, resolve_device(device), system, temperature, max_tokens, seed)
 
 
 def parse_size(text: str) -> int:

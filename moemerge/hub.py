@@ -17,16 +17,19 @@ Never fetched: `consolidated*`, `original/*`, GGUF, `.pth`/`.pt`, and pickled `.
 from __future__ import annotations
 
 import atexit
-import glob
+import fnmatch
 import json
 import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from moemerge.errors import MoemergeError
+from moemerge.progress import Progress, Silent
 
 CONFIG = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,11 +111,6 @@ def _hub_error(exc: BaseException, key: str, text: str, repo_id: str, revision: 
     return MoemergeError(f"{where}: downloading {repo_id} failed ({exc.__class__.__name__}: {_one_line(exc)[:200]})")
 
 
-def _escape(name: str) -> str:
-    """An exact file name as an fnmatch pattern (shard names may hold `[`)."""
-    return glob.escape(name)
-
-
 def _origin_of_cache_path(path: Path) -> str | None:
     """A folder inside the Hub cache (…/models--org--name/snapshots/<sha>) → 'org/name'."""
     for part in reversed(path.resolve().parts):
@@ -127,10 +125,17 @@ class HubFetcher:
     `endpoint` and `cache_dir` default to huggingface_hub's own settings (HF_ENDPOINT, HF_HUB_CACHE).
     """
 
-    def __init__(self, allow_pickle: bool = False, endpoint: str | None = None, cache_dir: str | None = None):
+    def __init__(
+        self,
+        allow_pickle: bool = False,
+        endpoint: str | None = None,
+        cache_dir: str | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.allow_pickle = allow_pickle
         self.endpoint = endpoint
         self.cache_dir = cache_dir
+        self.progress = progress or Silent()
         self.origins: dict[Path, dict[str, Any]] = {}  # a resolved local folder → its Hub id, revision, commit
         self.sources: dict[str, Any] = {}  # recipe key → what it resolved to, for moemerge.json
 
@@ -166,23 +171,59 @@ class HubFetcher:
         self.origins[folder.resolve()] = origin
         return folder
 
-    def _download(self, repo_id: str, revision: str | None, allow: list[str]) -> Path:
+    def _snapshot(self, repo_id: str, revision: str | None, allow: list[str]) -> Path:
+        """The small files, in one call that resolves the revision to a commit and caches the file listing
+        (so that HF_HUB_OFFLINE runs later find both)."""
         from huggingface_hub import snapshot_download
 
         ignore = list(NEVER) + ([] if self.allow_pickle else ["*.bin"])
-        return Path(
-            snapshot_download(
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+            endpoint=self.endpoint,
+            cache_dir=self.cache_dir,
+            tqdm_class=_quiet_bar(),
+        )
+        return Path(folder)
+
+    def _files(self, repo_id: str, commit: str, names: list[str], sizes: dict[str, int] | None, key: str) -> None:
+        """The weights, file by file at the pinned commit, a few at a time, advancing one progress bar by
+        each file's size as it lands (cached files land at once; nothing is requested for them)."""
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        refused = [n for n in names if _never(n, self.allow_pickle)]
+        if refused:
+            raise MoemergeError(f"{key}: {repo_id} names weight file {refused[0]!r}, which moemerge never downloads")
+        names = [n for n in names if not isinstance(try_to_load_from_cache(repo_id, n, self.cache_dir, commit), str)]
+        if not names:
+            return
+        advance = self.progress.task(f"downloading {repo_id}", sum((sizes or {}).get(n, 0) for n in names))
+        quiet = _quiet_bar()
+
+        def one(name: str) -> str:
+            return hf_hub_download(
                 repo_id,
-                revision=revision,
-                allow_patterns=allow,
-                ignore_patterns=ignore,
+                name,
+                revision=commit,
                 endpoint=self.endpoint,
                 cache_dir=self.cache_dir,
+                tqdm_class=quiet,
             )
-        )
 
-    def _listing(self, repo_id: str, commit: str | None) -> set[str] | None:
-        """The repo's file names at `commit`, from the tree listing huggingface_hub cached (no request)."""
+        with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
+            futures = {pool.submit(one, name): name for name in names}
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    advance((sizes or {}).get(futures[future], 0))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
+    def _listing(self, repo_id: str, commit: str | None) -> dict[str, int] | None:
+        """The repo's files and sizes at `commit`, from the listing huggingface_hub cached (no request)."""
         try:
             from huggingface_hub import get_cached_repo_tree
         except ImportError:  # pragma: no cover - older huggingface_hub
@@ -190,17 +231,18 @@ class HubFetcher:
         if commit is None:
             return None
         try:
-            return {f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=self.cache_dir)}
+            tree = get_cached_repo_tree(repo_id, revision=commit, cache_dir=self.cache_dir)
         except Exception:
             return None
+        return {f.path: int(f.size or 0) for f in tree}
 
     def _fetch(self, repo_id: str, revision: str | None, role: str, key: str, text: str) -> tuple[Path, str | None]:
         first = [CONFIG, ADAPTER_CONFIG, SAFETENSORS_INDEX] + ([PICKLE_INDEX] if self.allow_pickle else [])
         if role == "base":
             first += BASE_SIDE_FILES
-        folder = self._download(repo_id, revision, first)
+        folder = self._snapshot(repo_id, revision, first)
         commit = folder.name if COMMIT.fullmatch(folder.name) else None
-        pinned = commit or revision  # later downloads read the very commit the first one resolved
+        pinned = commit or revision or "main"  # the weights come from the very commit the first call resolved
         listing = self._listing(repo_id, commit)
         if (folder / ADAPTER_CONFIG).is_file() or role == "adapter":
             if not (folder / ADAPTER_CONFIG).is_file():
@@ -208,40 +250,48 @@ class HubFetcher:
                     f"{key}: {text!r} has no {ADAPTER_CONFIG}; the part after '+' must be a LoRA adapter"
                 )
             names = self._adapter_weights(listing)
-            self._download(repo_id, pinned, first + [_escape(n) for n in names])
+            if not names:
+                hint = "" if self.allow_pickle else " (a pickled adapter_model.bin needs --allow-pickle)"
+                raise MoemergeError(f"{key}: the Hub adapter {repo_id} has no adapter_model.safetensors{hint}")
+            self._files(repo_id, pinned, names, listing, key)
             return folder, commit
         if not (folder / CONFIG).is_file():
             raise MoemergeError(f"{key}: the Hub model {repo_id} has no {CONFIG}; is it a transformers model?")
         for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
             if (folder / index_name).is_file():
-                return self._fetch_sharded(repo_id, pinned, folder, index_name, first, role, key), commit
+                return self._fetch_sharded(repo_id, pinned, folder, index_name, listing, role, key), commit
         names = self._single_weights(listing)
-        self._download(repo_id, pinned, first + [_escape(n) for n in names])
-        if not any(folder.glob("*.safetensors")) and not (self.allow_pickle and any(folder.glob("*.bin"))):
+        if not names:
             hint = "" if self.allow_pickle else " (pickled .bin weights need --allow-pickle)"
             raise MoemergeError(f"{key}: the Hub model {repo_id} has no safetensors weights moemerge reads{hint}")
+        self._files(repo_id, pinned, names, listing, key)
         return folder, commit
 
-    def _adapter_weights(self, listing: set[str] | None) -> list[str]:
-        wanted = ["adapter_model.safetensors"] + (["adapter_model.bin"] if self.allow_pickle else [])
+    def _adapter_weights(self, listing: dict[str, int] | None) -> list[str]:
+        preferred = ["adapter_model.safetensors"] + (["adapter_model.bin"] if self.allow_pickle else [])
         if listing is None:
-            return wanted
-        if "adapter_model.safetensors" in listing:
-            return ["adapter_model.safetensors"]
-        return [n for n in wanted if n in listing]
+            return preferred[:1]
+        return [name for name in preferred if name in listing][:1]
 
-    def _single_weights(self, listing: set[str] | None) -> list[str]:
+    def _single_weights(self, listing: dict[str, int] | None) -> list[str]:
         """No index: the one weight file, as transformers would pick it."""
         preferred = ["model.safetensors"] + (["pytorch_model.bin"] if self.allow_pickle else [])
         if listing is None:
-            return preferred
+            return preferred[:1]
         for name in preferred:
             if name in listing:
                 return [name]
-        return sorted(n for n in listing if "/" not in n and n.endswith(".safetensors") and "consolidated" not in n)
+        return []
 
     def _fetch_sharded(
-        self, repo_id: str, pinned: str | None, folder: Path, index_name: str, first: list[str], role: str, key: str
+        self,
+        repo_id: str,
+        pinned: str,
+        folder: Path,
+        index_name: str,
+        listing: dict[str, int] | None,
+        role: str,
+        key: str,
     ) -> Path:
         index_file = folder / index_name
         try:
@@ -256,10 +306,28 @@ class HubFetcher:
             shards = sorted({shard for name, shard in weight_map.items() if MLP_TENSOR.match(name)})
             if not shards:
                 raise MoemergeError(f"{key}: {repo_id}'s {index_name} lists no model.layers.*.mlp.* tensors")
-        self._download(repo_id, pinned, first + [_escape(s) for s in shards])
+        self._files(repo_id, pinned, shards, listing, key)
         if role == "base" or all((folder / s).is_file() for s in set(weight_map.values())):
             return folder
         return _mlp_view(folder, index_name, weight_map, shards)
+
+
+def _never(name: str, allow_pickle: bool) -> bool:
+    patterns = NEVER + ([] if allow_pickle else ["*.bin"])
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def _quiet_bar() -> type:
+    """A progress bar class that shows nothing: downloads report to moemerge's own progress instead."""
+    from tqdm.auto import tqdm
+
+    class Quiet(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Quiet
 
 
 _VIEWS: list[Path] = []
@@ -314,9 +382,10 @@ def check_push_target(repo_id: str, revision: str | None, create_pr: bool, need_
 
 
 def _resume_command(out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool) -> str:
-    flags = (" --private" if private else "") + (f" --revision {revision}" if revision else "")
-    flags += " --create-pr" if create_pr else ""
-    return f"moemerge push {out} {repo_id}{flags}"
+    command = f"moemerge push {shlex.quote(str(out))} {repo_id}" + (" --private" if private else "")
+    if create_pr:  # a second --create-pr would open a second pull request
+        return f"{command} --revision refs/pr/N (N: the pull request named above; --create-pr opens a new one)"
+    return command + (f" --revision {shlex.quote(revision)}" if revision else "")
 
 
 def _push_error(exc: BaseException) -> str:
@@ -333,15 +402,18 @@ def _push_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {_one_line(exc)[:200]}"
 
 
-def _scrub(text: str) -> str:
+def _scrub(text: str, api: Any) -> str:
     """Belt and braces: whatever a server echoes, the user's token is never printed."""
     try:
         from huggingface_hub import get_token
 
-        token = get_token()
+        tokens = [get_token(), getattr(api, "token", None)]
     except Exception:  # pragma: no cover
-        token = None
-    return text.replace(token, "***") if token else text
+        tokens = []
+    for token in tokens:
+        if isinstance(token, str) and token:
+            text = text.replace(token, "***")
+    return text
 
 
 def push(
@@ -372,7 +444,7 @@ def push(
     message = f"Upload {out.name} with moemerge"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision:
+        if revision and not revision.startswith("refs/pr/"):  # a pull request's ref exists already
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         large = getattr(api, "upload_large_folder", None)
         if large is not None and not create_pr:
@@ -393,6 +465,6 @@ def push(
     except (Exception, KeyboardInterrupt) as exc:
         resume = _resume_command(out, repo_id, private, revision, create_pr)
         raise MoemergeError(
-            _scrub(f"push to {repo_id} failed ({_push_error(exc)}); {out} is intact; resume with: {resume}")
+            _scrub(f"push to {repo_id} failed ({_push_error(exc)}); {out} is intact; resume with: {resume}", api)
         ) from None
     return url

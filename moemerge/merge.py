@@ -121,7 +121,7 @@ def merge(
     recipe = load_recipe(recipe_path)
     device = resolve_device(options.device)
     check_output(out, options.force, [])  # before any download: an existing OUT is refused now
-    hub = HubFetcher(options.allow_pickle)  # Hub ids → cached folders; records each source's commit
+    hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
     base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None, hub)
     base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
     shape = dense_shape(base)
