@@ -22,13 +22,19 @@ Each output folder is removed (and the removal synced) before its run. Measured 
   process in the tree (exact, not polled; its floor is this script's own RSS at fork, about 30 MB);
 - output bytes: the sum of file sizes in the output folder;
 - inputs cached: the fraction of the input safetensors resident in the page cache just before the run
-  (from `fincore`), since a merge that reads from the cache is not reading from the disk.
+  (from `fincore`), since a merge that reads from the cache is not reading from the disk;
+- revision: the moemerge commit measured ("+dirty" when moemerge/ had uncommitted changes), and the
+  1-minute load average after the run (the machine may be shared: quote medians and pair ratios).
+
+The table's prompts/s (hidden gates) is the number of prompts over the extra median wall+sync that hidden
+gates cost over random gates, for the same method and size; it is as noisy as the difference of two medians.
 
 Usage (from the repository root, with the project's venv):
 
     python benchmarks/merge_speed.py --size small --repeats 1
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --repeats 3 --json /tmp/bench-1b.json
     python benchmarks/merge_speed.py --size 2b --gates random --methods moemerge
+    python benchmarks/merge_speed.py --combine /tmp/bench-1b-random.json /tmp/bench-1b-hidden.json
 """
 
 from __future__ import annotations
@@ -344,6 +350,7 @@ class RunRecord:
     returncode: int
     samples: int
     revision: str
+    prompts: int
     loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
@@ -434,6 +441,7 @@ def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools
                 result.returncode,
                 result.samples,
                 revision,
+                args.prompts * args.experts,
             )
             records.append(record)
             print(
@@ -454,12 +462,13 @@ def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.0f}%"
 
 
-def summarize(records: list[RunRecord], prompts_total: dict[str, int]) -> list[dict[str, object]]:
+def summarize(records: list[RunRecord]) -> list[dict[str, object]]:
     """One row per (size, gates, method): medians, ranges, peaks, the ratio to the copy and prompts/s.
 
     ratio_to_copy compares median wall+sync with the median copy (cp -r + sync) of the same size and gates.
     prompts_per_s, for hidden gates: the prompts divided by the extra median wall+sync over random gates of
-    the same method and size (the cost of computing hidden states), when both were run.
+    the same method and size (the cost of computing hidden states), when both were run (--combine joins
+    the runs of several invocations).
     """
     keys = sorted({(r.size, r.gates, r.method) for r in records}, key=lambda k: (k[0], k[1], METHODS.index(k[2])))
     rows: list[dict[str, object]] = []
@@ -487,7 +496,7 @@ def summarize(records: list[RunRecord], prompts_total: dict[str, int]) -> list[d
         random_runs = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, "random", method)]
         if gates == "hidden" and random_runs and method != "copy":
             extra = statistics.median(totals) - statistics.median(random_runs)
-            row["prompts_per_s"] = prompts_total[gates] / extra if extra > 0 else None
+            row["prompts_per_s"] = runs[0].prompts / extra if extra > 0 else None
         rows.append(row)
     return rows
 
@@ -554,6 +563,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poll-ms", type=float, default=20.0, help="RSS polling interval")
     parser.add_argument("--json", type=Path, help="write runs and summary here")
     parser.add_argument("--keep-outputs", action="store_true", help="leave the last outputs under WORKDIR/out")
+    parser.add_argument("--combine", type=Path, nargs="+", help="only report: join the runs of earlier --json files")
     args = parser.parse_args(argv)
     args.gates = [g for g in args.gates.split(",") if g]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -565,8 +575,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def load_runs(path: Path) -> list[RunRecord]:
+    """The runs of an earlier --json report."""
+    report = json.loads(path.read_text())
+    return [RunRecord(**run) for run in report["runs"]]
+
+
+def print_report(records: list[RunRecord], json_path: Path | None, extra: dict[str, object]) -> None:
+    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` if given."""
+    rows = summarize(records)
+    ratios = pair_ratios(records)
+    print(markdown(rows))
+    for ratio in ratios:
+        listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
+        print(
+            f"\nmoemerge / mergekit-moe wall+sync, {ratio['size']} {ratio['gates']}: {ratio['median']:.2f} ({listed})"
+        )
+    if json_path:
+        report = {**extra, "summary": rows, "pair_ratios": ratios, "runs": [asdict(r) for r in records]}
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.combine:
+        print_report(
+            [r for path in args.combine for r in load_runs(path)],
+            args.json,
+            {"combined": [str(p) for p in args.combine]},
+        )
+        return
     size = SIZES[args.size]
     tools = {"moemerge": find_moemerge(args.moemerge)}
     if "mergekit" in args.methods:
@@ -577,9 +615,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             tools["mergekit"] = mergekit
     args.workdir.mkdir(parents=True, exist_ok=True)
+    moe = size.moe_params(args.experts)
     print(
         f"{size.name}: dense {size.params() / 1e9:.2f}B params, MoE of {args.experts} experts "
-        f"{size.moe_params(args.experts) / 1e9:.2f}B ({2 * size.moe_params(args.experts) / 1e9:.2f} GB in bf16)",
+        f"{moe / 1e9:.2f}B ({2 * moe / 1e9:.2f} GB in bf16)",
         file=sys.stderr,
         flush=True,
     )
@@ -589,28 +628,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.keep_outputs:
         for method in METHODS:
             shutil.rmtree(args.workdir / "out" / method, ignore_errors=True)
-    prompts_total = {g: args.prompts * args.experts for g in args.gates}
-    rows = summarize(records, prompts_total)
-    ratios = pair_ratios(records)
-    print(markdown(rows))
-    for ratio in ratios:
-        listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
-        print(
-            f"\nmoemerge / mergekit-moe wall+sync, {ratio['size']} {ratio['gates']}: {ratio['median']:.2f} ({listed})"
-        )
-    if args.json:
-        report = {
-            "size": asdict(size),
-            "dense_params": size.params(),
-            "moe_params": size.moe_params(args.experts),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "tools": {k: str(v) for k, v in tools.items()},
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")},
-            "summary": rows,
-            "pair_ratios": ratios,
-            "runs": [asdict(r) for r in records],
-        }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    extra = {
+        "size": asdict(size),
+        "dense_params": size.params(),
+        "moe_params": moe,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "tools": {k: str(v) for k, v in tools.items()},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")},
+    }
+    print_report(records, args.json, extra)
 
 
 if __name__ == "__main__":
