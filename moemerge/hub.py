@@ -30,24 +30,12 @@ from typing import Any
 
 from moemerge.errors import MoemergeError
 from moemerge.progress import Progress, Silent
+from moemerge.sources import ADAPTER_CONFIG, SIDE_FILES
 
 CONFIG = "config.json"
-ADAPTER_CONFIG = "adapter_config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-BASE_SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "README.md",
-)
+BASE_SIDE_FILES = (*SIDE_FILES, "README.md")  # README.md: for the licence
 # A guard under every allow-list: none of these is ever fetched, whatever an index says.
 NEVER = ["consolidated*", "original/*", "*.gguf", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.ckpt"]
 MLP_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.")

@@ -23,24 +23,12 @@ from moemerge.plan import build_plan
 from moemerge.progress import Progress, Silent
 from moemerge.prompts import gather_prompts
 from moemerge.recipe import DTYPE_ALIASES, Recipe, load_recipe
-from moemerge.sources import ModelSource, resolve_reference
+from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
 from moemerge.staging import check_output, staged_output
 from moemerge.verify import check_structure
 from moemerge.writer import write_json, write_shards
 
 log = logging.getLogger("moemerge")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 RECIPE_COPY = "moemerge_recipe.yaml"
 MANIFEST = "moemerge.json"
 TRAINING_REPORT = "gate_training.json"
@@ -103,7 +91,7 @@ def _open_experts(
 
 def _copy_side_files(base: ModelSource, out: Path) -> None:
     """Tokenizer, chat template and generation config byte for byte: what the base ships is what we ship."""
-    for name in TOKENIZER_FILES:
+    for name in SIDE_FILES:
         if (base.path / name).is_file():
             shutil.copyfile(base.path / name, out / name)
 

@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from moemerge.hub import HubFetcher
 
 ADAPTER_CONFIG = "adapter_config.json"
+# What the output copies from the base besides weights: tokenizer, chat template, generation config.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)
