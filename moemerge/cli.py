@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
-import transformers
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -72,7 +71,7 @@ def merge_command(
     shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass for hidden gates.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass for hidden gates.")] = 32,
     push_to_hub: Annotated[str | None, typer.Option(help="Then upload OUT to this Hub repo (org/name).")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo private (with --push-to-hub).")] = False,
     revision: Annotated[str | None, typer.Option(help="Push to this branch (with --push-to-hub).")] = None,
@@ -266,7 +265,6 @@ def main() -> None:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_time=False, show_path=False)],
     )
-    transformers.utils.logging.disable_progress_bar()
     argv = _with_default_verb(sys.argv[1:])
     try:
         code = app(args=argv, prog_name="moemerge", standalone_mode=False)

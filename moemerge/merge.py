@@ -44,7 +44,7 @@ class MergeOptions:
     shard_size: int = 5_000_000_000
     force: bool = False
     allow_pickle: bool = False
-    batch_size: int = 16
+    batch_size: int = 32
     hub_repo_id: str | None = None  # the Hub repo the output is meant for: named in the model card (cli pushes)
 
 

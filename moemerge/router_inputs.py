@@ -9,9 +9,12 @@ batch carries little padding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -51,7 +54,8 @@ def _batches(
             real = torch.where(real.any(dim=1, keepdim=True), real, batch["attention_mask"].bool())
             captured.clear()
             with torch.inference_mode():
-                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                # The decoder stack alone: the LM head's [batch, tokens, vocab] logits are never needed.
+                model.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
             yield chosen, real.to(device), captured
     finally:
         for hook in hooks:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
+from moemerge.hf import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -74,8 +78,8 @@ def load_moe(out: Path, device: torch.device) -> tuple[PreTrainedModel, PreTrain
     """A merged output, its tokenizer and its expert names; refuses folders that are not Mixtral outputs."""
     if not (out / "config.json").is_file():
         raise MoemergeError(f"{out}: not a model folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).to(device).eval()
+    model = load_model(out, torch.float32).to(device)
     if not hasattr(model.config, "num_local_experts"):
         raise MoemergeError(f"{out}: {type(model).__name__} is not a mixture of experts")
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
+    tokenizer = load_tokenizer(out)
     return model, tokenizer, expert_names(out, model.config.num_local_experts)

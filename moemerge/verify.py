@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.hf import load_model
 from moemerge.safetensors_header import TensorInfo, read_header
 from moemerge.sources import TensorStore
 from moemerge.writer import INDEX_NAME
@@ -100,9 +101,7 @@ def check_values(tensors: dict[str, TensorInfo]) -> None:
 
 def check_loads(out: Path) -> None:
     """transformers loads it as a Mixtral and runs a forward pass with finite logits."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    model = load_model(out)
     if type(model).__name__ != "MixtralForCausalLM":
         raise MoemergeError(f"{out}: transformers loaded {type(model).__name__}, not MixtralForCausalLM")
     with torch.inference_mode():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def _mean_embedding(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""Loading models and tokenizers with transformers: imported only when needed (it costs seconds and
+hundreds of MB, which a merge with random gates never needs), never with remote code, and without
+transformers' own progress bars, which would fight with ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def _quiet() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_model(path: Path, dtype: torch.dtype | str = "auto", device_map: str | None = None) -> PreTrainedModel:
+    """A causal LM from a local folder, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=False)
+    return model.eval()
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    _quiet()
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
