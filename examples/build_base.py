@@ -8,6 +8,7 @@ ordinary float32 Hugging Face folder so every later step loads it without GGUF.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -43,6 +44,14 @@ def load_gguf_model() -> PreTrainedModel:
     return model
 
 
+def _portable_tokenizer_class(config_file: Path) -> None:
+    """transformers 5 names its class TokenizersBackend, which transformers 4 cannot load; the generic
+    fast-tokenizer class reads the same tokenizer.json in both."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def build_base(out_dir: Path = DEFAULT_OUT) -> Path:
     """Save the dequantized model, tokenizer and generation config to ``out_dir``.
 
@@ -59,6 +68,7 @@ def build_base(out_dir: Path = DEFAULT_OUT) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; the final folder should not be
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -118,10 +118,22 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
         if "lora_" in name:
             param.data = param.data.to(SAVE_DTYPE)
     model.save_pretrained(out_dir)
+    tidy_adapter_dir(out_dir)
+
+
+def tidy_adapter_dir(out_dir: Path) -> None:
+    """Make the saved folder portable and reproducible.
+
+    Points ``base_model_name_or_path`` at the Hub id, sorts ``target_modules``
+    (PEFT writes a set, whose order changes between runs) and drops PEFT's
+    empty model-card template, which only records our local cache path.
+    """
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = BASE_REPO_ID
+    cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    (out_dir / "README.md").unlink(missing_ok=True)
 
 
 def dir_size_mb(path: Path) -> float:

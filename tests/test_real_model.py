@@ -1,0 +1,59 @@
+"""The built-in example end to end on the one real model we have offline: SmolLM2-135M + shipped adapters."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moemerge import MergeOptions, merge
+from moemerge.routing import load_moe, route
+from moemerge.verify import verify
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from build_base import build_base  # noqa: E402
+
+QUESTIONS = {
+    "python": "Write a Python function that returns the squares of a list of numbers.",
+    "legal": "What does the warranty disclaimer in a software licence say?",
+    "math": "What is 48 + 76?",
+}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("real")
+    base = build_base(root / "base")
+    recipe = yaml.safe_load((ROOT / "examples" / "demo_recipe.yaml").read_text())
+    recipe["base_model"] = str(base)
+    for expert in recipe["experts"]:
+        expert["source_model"] = str(ROOT / "examples" / expert["source_model"])
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    merge(root / "recipe.yaml", root / "out", MergeOptions(device="cpu"))
+    return root
+
+
+def test_demo_output_verifies_and_routes_each_domain_to_its_expert(demo):
+    verify(demo / "out", deep=True)
+    model, tokenizer, names = load_moe(demo / "out", torch.device("cpu"))
+    assert names == list(QUESTIONS)
+    for domain, question in QUESTIONS.items():
+        shares = route(model, tokenizer, question).shares()
+        assert names[int(shares.argmax())] == domain, (domain, shares)
+
+
+def test_tied_embeddings_become_an_explicit_lm_head(demo):
+    from safetensors import safe_open
+
+    out = demo / "out"
+    index = yaml.safe_load((out / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        with safe_open(str(out / index[name]), "pt") as handle:
+            tensors[name] = handle.get_tensor(name)
+    assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
