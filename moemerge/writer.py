@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_tensor(handle, tensor: PlannedTensor) -> None:
+def _checked(tensor: PlannedTensor) -> torch.Tensor:
+    """Make one tensor and check it is what the plan promised, and finite."""
     value = tensor.produce()
     if tuple(value.shape) != tensor.shape or value.dtype != tensor.dtype:
         raise RuntimeError(
@@ -80,8 +82,18 @@ def _write_tensor(handle, tensor: PlannedTensor) -> None:
     # aminmax propagates NaN and ±Inf and allocates no tensor-sized mask: 10x cheaper than isfinite().all()
     if value.is_floating_point() and value.numel() and not torch.isfinite(torch.stack(torch.aminmax(value))).all():
         raise MoemergeError(f"{tensor.source}: NaN or Inf values (output tensor {tensor.name}); fix the source weights")
-    if tensor.nbytes:
-        handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return value.contiguous()
+
+
+def _prefetched(tensors: list[PlannedTensor]) -> Iterator[torch.Tensor]:
+    """Tensors in order, each made on a helper thread while the previous one is written: reading and
+    converting overlap with writing (all release the GIL), and at most two tensors are in memory."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_checked, tensors[0]) if tensors else None
+        for following in [*tensors[1:], None]:
+            value = pending.result()
+            pending = pool.submit(_checked, following) if following is not None else None
+            yield value
 
 
 def shard_name(number: int, total: int) -> str:
@@ -94,13 +106,14 @@ def write_shards(
     """Write every planned tensor into shards in `folder`, fsync each, and write the index; returns it."""
     shards = assign_shards(plan, shard_size)
     weight_map: dict[str, str] = {}
+    values = _prefetched([tensor for shard in shards for tensor in shard])
     for number, tensors in enumerate(shards, start=1):
         name = shard_name(number, len(shards))
         try:
             with (folder / name).open("wb") as handle:
                 handle.write(_header(tensors))
                 for tensor in tensors:
-                    _write_tensor(handle, tensor)
+                    handle.write(next(values).reshape(-1).view(torch.uint8).numpy().data)
                     weight_map[tensor.name] = name
                     if on_tensor:
                         on_tensor(tensor.nbytes)

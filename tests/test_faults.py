@@ -84,7 +84,7 @@ def test_sigint_cleans_up(recipe, tmp_path, delay):
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    if process.returncode == 0:  # finished before the signal landed: then it must be complete
+    if out.exists():  # the merge finished before the signal landed: then the output must be complete
         verify(out, deep=True)
         return
     assert process.returncode == 130, stderr
