@@ -38,13 +38,14 @@ from moemerge.routing import load_moe  # noqa: E402
 ADAPTERS = ROOT / "examples" / "adapters"
 
 
-def recipe(base: Path, gate_mode: str, prompts: int, extra: dict, mergekit: bool = False) -> dict:
-    """The same experts and prompts for every method; mergekit gets its `base+adapter` form."""
+def recipe(base: Path, gate_mode: str, prompts: int, extra: dict, dense: dict[str, Path] | None = None) -> dict:
+    """The same experts and prompts for every method; mergekit gets full expert folders (its `base+adapter`
+    form fails in mergekit-moe 0.1.5 with "LoRA not merged")."""
     experts = []
     for domain in DOMAINS:
-        source = f"{base}+{ADAPTERS / domain}" if mergekit else str(ADAPTERS / domain)
+        source = str(dense[domain]) if dense else str(ADAPTERS / domain)
         entry = {"source_model": source, "positive_prompts": short_prompts(domain, prompts)}
-        if not mergekit:
+        if not dense:
             entry["name"] = domain
         experts.append(entry)
     return {
@@ -80,8 +81,8 @@ def score_moe(out: Path, texts: list[tuple[str, int]]) -> dict:
     return {"accuracy": result.accuracy, "perplexity": result.perplexity}
 
 
-def dense_perplexity(base: Path, adapter: Path | None, texts: list[str]) -> float:
-    """Perplexity of base (+ adapter merged by hand) on texts, token-weighted."""
+def dense_expert(base: Path, adapter: Path | None):
+    """The base with an adapter's delta added to its weights: the expert as a plain dense model."""
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     if adapter is not None:
         lora = LoraAdapter(adapter, str(adapter))
@@ -90,6 +91,24 @@ def dense_perplexity(base: Path, adapter: Path | None, texts: list[str]) -> floa
                 delta = lora.delta(name, tuple(param.shape))
                 if delta is not None:
                     param += delta
+    return model
+
+
+def dense_folders(base: Path, work: Path) -> dict[str, Path]:
+    """Each expert saved as a full model folder, for tools that need one."""
+    folders = {}
+    for domain in DOMAINS:
+        folder = work / f"dense-{domain}"
+        if not (folder / "config.json").exists():
+            dense_expert(base, ADAPTERS / domain).save_pretrained(folder)
+            AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+        folders[domain] = folder
+    return folders
+
+
+def dense_perplexity(base: Path, adapter: Path | None, texts: list[str]) -> float:
+    """Perplexity of base (+ adapter merged by hand) on texts, token-weighted."""
+    model = dense_expert(base, adapter)
     tokenizer = AutoTokenizer.from_pretrained(base)
     nll = count = 0.0
     for text in texts:
@@ -120,8 +139,6 @@ def run_mergekit(work: Path, exe: str, spec: dict) -> tuple[Path, float]:
             "--device",
             "cpu",
             "--quiet",
-            "--lora-merge-cache",
-            str(work / "lora-cache"),
         ],
         check=True,
     )
@@ -194,7 +211,8 @@ def main() -> None:
             if not Path(args.mergekit).exists():
                 print(f"skipping mergekit-moe: {args.mergekit} not found", flush=True)
                 continue
-            out, seconds = run_mergekit(args.workdir, args.mergekit, recipe(base, "hidden", args.prompts, {}, True))
+            spec = recipe(base, "hidden", args.prompts, {}, dense_folders(base, args.workdir))
+            out, seconds = run_mergekit(args.workdir, args.mergekit, spec)
         else:
             out, seconds = run_moemerge(args.workdir, name.replace(" ", "_").replace(",", ""), spec)
         rows.append({"method": name, "seconds": seconds, **score_moe(out, texts)})
