@@ -75,7 +75,7 @@ class TrainingSpec(BaseModel):
     steps: int = Field(default=300, ge=1)
     lr: float = Field(default=0.01, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # prompts per forward pass while capturing router inputs
     max_tokens: int = Field(default=256, ge=4)
     holdout: float = Field(default=0.2, ge=0, lt=1)
     seed: int = 0

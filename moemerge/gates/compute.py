@@ -87,7 +87,7 @@ def _trained(ctx: GateContext, recipe: Recipe, model, tokenizer, prompts: Expert
     texts = [text for text, _ in prompts.labelled]
     labels = [label for _, label in prompts.labelled]
     advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts))
-    features, owners = token_router_inputs(model, tokenizer, texts, ctx.batch_size, spec.max_tokens, advance)
+    features, owners = token_router_inputs(model, tokenizer, texts, spec.batch_size, spec.max_tokens, advance)
     layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
     bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
     if bad:
