@@ -62,24 +62,6 @@ def _batches(
             hook.remove()
 
 
-def pooled_router_inputs(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Mean router input of each prompt's real tokens, per layer: float32 [layers, prompts, hidden] on CPU."""
-    out = torch.zeros(model.config.num_hidden_layers, len(prompts), model.config.hidden_size)
-    for chosen, real, captured in _batches(model, tokenizer, prompts, batch_size, None):
-        weights = real.float() / real.sum(dim=1, keepdim=True)
-        for layer, hidden in enumerate(captured):
-            out[layer, chosen] = torch.einsum("bt,bth->bh", weights, hidden.float()).cpu()
-        if on_batch:
-            on_batch(len(chosen))
-    return out
-
-
 def token_router_inputs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

@@ -8,13 +8,19 @@ from tiny_models import make_base, make_expert, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
-from moemerge.router_inputs import pad_ready, pooled_router_inputs
+from moemerge.router_inputs import pad_ready, token_router_inputs
 
 PROMPTS = [
     ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],
     ["xxxx yyyy zzzz", "zyx xyz zzzz yy", "yyy xxx zyzyz"],
     ["0101 1010 0", "11 00 1 0 1 01", "1.0, 0.1, 1?"],
 ]
+
+
+def _pooled(model, tokenizer, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean router input over each prompt's real tokens: [layers, prompts, hidden]."""
+    features, owners = token_router_inputs(model, tokenizer, prompts, batch_size)
+    return torch.stack([features[:, owners == p].mean(dim=1) for p in range(len(prompts))], dim=1)
 
 
 def _gate_rows(out, layers: int) -> torch.Tensor:
@@ -42,23 +48,24 @@ def test_captured_tensor_is_the_router_input(tmp_path):
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             moe(**ids)
-        expected = pooled_router_inputs(dense, tokenizer, [prompt])
+        expected, _ = token_router_inputs(dense, tokenizer, [prompt])
         for layer, router_input in seen.items():
-            tokens = router_input.reshape(ids["input_ids"].shape[1], -1)[1:]  # drop BOS, as the gate pools
-            torch.testing.assert_close(tokens.mean(dim=0), expected[layer, 0], atol=1e-5, rtol=1e-5)
+            tokens = router_input.reshape(ids["input_ids"].shape[1], -1)[1:]  # drop BOS, as the gates do
+            torch.testing.assert_close(tokens, expected[layer], atol=1e-5, rtol=1e-5)
         assert len(seen) == len(moe.model.layers), p
     for hook in hooks:
         hook.remove()
 
 
-def test_padding_does_not_change_pooled_inputs(tmp_path):
-    """A prompt pooled alone or in a padded batch with longer prompts gives the same vector."""
+def test_padding_does_not_change_router_inputs(tmp_path):
+    """A prompt's token router inputs are the same alone or in a padded batch with longer prompts."""
     base = make_base(tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     tokenizer = pad_ready(tiny_tokenizer())
-    alone = pooled_router_inputs(model, tokenizer, ["ab"])
-    batched = pooled_router_inputs(model, tokenizer, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
-    torch.testing.assert_close(alone[:, 0], batched[:, 0], atol=1e-5, rtol=1e-5)
+    alone, _ = token_router_inputs(model, tokenizer, ["ab"])
+    batched, owners = token_router_inputs(model, tokenizer, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
+    assert alone.shape[1] == 2  # two real tokens: BOS and padding are left out
+    torch.testing.assert_close(alone, batched[:, owners == 0], atol=1e-5, rtol=1e-5)
 
 
 def test_own_prompts_score_highest_on_own_gate(tmp_path):
@@ -69,7 +76,7 @@ def test_own_prompts_score_highest_on_own_gate(tmp_path):
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     rows = _gate_rows(tmp_path / "out", 4)
     model = AutoModelForCausalLM.from_pretrained(base).eval()
-    pooled = pooled_router_inputs(model, pad_ready(tiny_tokenizer()), [p for group in PROMPTS for p in group])
+    pooled = _pooled(model, pad_ready(tiny_tokenizer()), [p for group in PROMPTS for p in group])
     labels = torch.tensor([e for e, group in enumerate(PROMPTS) for _ in group])
     logits = torch.einsum("leh,lph->lpe", rows, pooled)
     correct_per_layer = (logits.argmax(dim=-1) == labels).float().mean(dim=1)
