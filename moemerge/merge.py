@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -90,10 +91,22 @@ def _open_experts(
 
 
 def _copy_side_files(base: ModelSource, out: Path) -> None:
-    """Tokenizer, chat template and generation config byte for byte: what the base ships is what we ship."""
+    """Tokenizer, chat template and generation config byte for byte: what the base ships is what we ship,
+    with one exception, made for compatibility: transformers 5 names its fast tokenizer class
+    `TokenizersBackend`, which transformers 4 cannot load; `PreTrainedTokenizerFast` reads the same
+    tokenizer.json in both (checked by tests/compat/check_consumers.py)."""
     for name in SIDE_FILES:
         if (base.path / name).is_file():
             shutil.copyfile(base.path / name, out / name)
+    tokenizer_config = out / "tokenizer_config.json"
+    if tokenizer_config.is_file() and (out / "tokenizer.json").is_file():
+        try:
+            config = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return  # copied as it is; transformers will say what is wrong with it
+        if isinstance(config, dict) and config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            write_json(tokenizer_config, config)
 
 
 def merge(
