@@ -130,8 +130,9 @@ class HubFetcher:
     # -- recording -------------------------------------------------------------------------------
 
     def describe(self, folder: Path) -> dict[str, Any]:
-        resolved = folder.resolve()
-        return dict(self.origins.get(resolved) or {"path": str(resolved)})
+        """A Hub source by id, revision and commit; a local one by the path as the recipe found it (not
+        resolved, so a pushed output does not reveal the folders of the machine that made it)."""
+        return dict(self.origins.get(folder.resolve()) or {"path": str(folder)})
 
     def note(self, key: str, model: Path, adapter: Path | None = None) -> None:
         """Record what `key` resolved to: one source, or mergekit's model+adapter pair."""
