@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moemerge.arch import check_expert_shape, check_tensor_names, dense_shape
+from moemerge.arch import DenseShape, check_expert_shape, check_tensor_names, dense_shape
 from moemerge.card import base_license, model_card
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
@@ -109,6 +109,24 @@ def _copy_side_files(base: ModelSource, out: Path) -> None:
             write_json(tokenizer_config, config)
 
 
+def _open_and_check(
+    recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: HubFetcher
+) -> tuple[ModelSource, DenseShape, list[Expert]]:
+    """Open base and experts, and check from headers alone that they fit together: every problem is found
+    before a byte of output is written."""
+    base_ref = resolve_reference(recipe.base_model, "base_model", recipe_dir, None, hub)
+    base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
+    shape = dense_shape(base)
+    check_tensor_names(base, shape)
+    experts = _open_experts(recipe, recipe_dir, base, options, hub)
+    for expert in experts:
+        check_expert_shape(shape, dense_shape(expert.model), f"experts[{expert.index}]")
+        if expert.model is not base:
+            check_tensor_names(expert.model, shape)
+        expert.check(base, shape.num_layers)
+    return base, shape, experts
+
+
 def merge(
     recipe_path: str | Path, out: str | Path, options: MergeOptions | None = None, progress: Progress | None = None
 ) -> MergeSummary:
@@ -123,17 +141,7 @@ def merge(
     device = resolve_device(options.device)
     check_output(out, options.force, [])  # before any download: an existing OUT is refused now
     hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
-    base_ref = resolve_reference(recipe.base_model, "base_model", recipe_path.parent, None, hub)
-    base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
-    shape = dense_shape(base)
-    check_tensor_names(base, shape)
-    experts = _open_experts(recipe, recipe_path.parent, base, options, hub)
-    for expert in experts:
-        label = f"experts[{expert.index}]"
-        check_expert_shape(shape, dense_shape(expert.model), label)
-        if expert.model is not base:
-            check_tensor_names(expert.model, shape)
-        expert.check(base, shape.num_layers)
+    base, shape, experts = _open_and_check(recipe, recipe_path.parent, options, hub)
     check_output(out, options.force, [base.path] + [e.model.path for e in experts])
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
