@@ -90,3 +90,17 @@ def test_negative_prompts_move_the_gate(tmp_path):
     specs[0]["negative_prompts"] = PROMPTS[2]
     merge(write_recipe(tmp_path / "b.yaml", base, specs), tmp_path / "b")
     assert not torch.allclose(_gate_rows(tmp_path / "a", 3), _gate_rows(tmp_path / "b", 3))
+
+
+def test_experts_with_near_identical_prompts_are_warned_about(tmp_path, caplog):
+    base = make_base(tmp_path / "base")
+    specs = [
+        {"source_model": str(base), "name": "first", "positive_prompts": ["aaaa bbbb aaaa", "abab abab"]},
+        {"source_model": str(base), "name": "twin", "positive_prompts": ["aaaa bbbb aaaa.", "abab abab"]},
+        {"source_model": str(base), "name": "other", "positive_prompts": ["zzzz yyyy", "0101 1010"]},
+    ]
+    with caplog.at_level("WARNING", logger="moemerge"):
+        merge(write_recipe(tmp_path / "r.yaml", base, specs), tmp_path / "out")
+    warned = [r.getMessage() for r in caplog.records if "nearly parallel" in r.getMessage()]
+    assert warned and all("first and twin" in m for m in warned), warned
+    assert len({m.split(":")[0] for m in warned}) == 3  # one line per layer, every layer
