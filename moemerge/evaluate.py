@@ -53,7 +53,7 @@ def evaluate(
         correct[label] += routing.top1_accuracy(label) * count
         tokens[label] += count
         prompts[label] += 1
-        length = len(tokenizer(text)["input_ids"]) - 1
+        length = routing.predicted_tokens
         if with_perplexity and length > 0:
             nll[label] += routing.loss * length
             predicted[label] += length

@@ -23,6 +23,7 @@ class Routing:
     logits: torch.Tensor  # [layers, tokens, experts], float32
     top_k: int
     loss: float  # mean next-token negative log-likelihood over the text
+    predicted_tokens: int  # how many next tokens that mean is over (all tokens but the first)
 
     @property
     def choices(self) -> torch.Tensor:
@@ -60,8 +61,9 @@ def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str)
     with torch.inference_mode():
         out = model(**batch, labels=batch["input_ids"], output_router_logits=True, use_cache=False)
     logits = torch.stack([layer.float().cpu() for layer in out.router_logits])[:, real]
-    loss = float(out.loss) if batch["input_ids"].shape[1] > 1 else float("nan")
-    return Routing(logits, model.config.num_experts_per_tok, loss)
+    predicted = batch["input_ids"].shape[1] - 1
+    loss = float(out.loss) if predicted > 0 else float("nan")
+    return Routing(logits, model.config.num_experts_per_tok, loss, predicted)
 
 
 def expert_names(out: Path, count: int) -> list[str]:
