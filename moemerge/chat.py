@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from moemerge.routing import EXPERT_COLORS
 from moemerge.serve import Delta, Engine, Finished, RequestError
 
-COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
 HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer"
 
 
@@ -26,11 +26,11 @@ def expert_bar(routing: dict[str, Any], width: int = 40, which: str = "completio
     for i, (_name, shares) in enumerate(experts.items()):
         cells = round(shares[which] / top_k * width) if i < len(experts) - 1 else width - used
         cells = max(0, min(cells, width - used))
-        bar.append("█" * cells, style=COLORS[i % len(COLORS)])
+        bar.append("█" * cells, style=EXPERT_COLORS[i % len(EXPERT_COLORS)])
         used += cells
     bar.append("  ")
     for i, (name, shares) in enumerate(experts.items()):
-        style = COLORS[i % len(COLORS)] + (" bold" if name == routing["top_expert"] else "")
+        style = EXPERT_COLORS[i % len(EXPERT_COLORS)] + (" bold" if name == routing["top_expert"] else "")
         bar.append(f"{name} {shares[which]:.2f}", style=style)
         bar.append("  ")
     bar.append(f"(top-{top_k}: shares sum to {top_k})", style="dim")

@@ -26,7 +26,7 @@ from moemerge.evaluate import evaluate
 from moemerge.hub import check_push_target, push
 from moemerge.merge import MergeOptions, MergeSummary, merge
 from moemerge.prompts import read_dataset_csv, read_prompt_file
-from moemerge.routing import Routing, load_moe, route
+from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
 from moemerge.verify import verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build a Mixtral MoE from a base model and experts.")
@@ -111,12 +111,9 @@ def push_command(
     _push(out, repo_id, private, revision, create_pr)
 
 
-COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
-
-
 def _layer_strip(routing: Routing) -> str:
     """One coloured digit per layer: the expert that is the first choice of most tokens in that layer."""
-    return "".join(f"[{COLORS[int(e) % len(COLORS)]}]{int(e) % 10}[/]" for e in routing.layer_top1())
+    return "".join(f"[{EXPERT_COLORS[int(e) % len(EXPERT_COLORS)]}]{int(e) % 10}[/]" for e in routing.layer_top1())
 
 
 @app.command("route")
@@ -159,7 +156,8 @@ def route_command(
         table.add_column(name, justify="right")
     for text, r in results:
         table.add_row(text.replace("\n", " "), _layer_strip(r), *(f"{v:.2f}" for v in r.shares()))
-    legend = "  ".join(f"[{COLORS[i % len(COLORS)]}]{str(i)[-1]}[/]={name}" for i, name in enumerate(names))
+    colors = EXPERT_COLORS
+    legend = "  ".join(f"[{colors[i % len(colors)]}]{i % 10}[/]={name}" for i, name in enumerate(names))
     console = Console()
     console.print(table)
     console.print(f"experts: {legend}; shares are of (layer, token) slots and sum to top-k")

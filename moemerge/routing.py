@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+# One colour per expert (by index), shared by every terminal view of routing.
+EXPERT_COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
+
+
 @dataclass
 class Routing:
     """Router logits of every layer for the real tokens of one text (BOS and other added specials left out)."""
