@@ -1,6 +1,7 @@
 """Input families: which dense architectures we read, and the names of their tensors.
 
-Llama and Mistral share one layout (SwiGLU MLP, no attention bias), so one map serves both.
+All four share the SwiGLU MLP (gate/up/down_proj) the experts come from; they differ in attention only,
+which the MoE copies from the base as it is. Each family is one line of FAMILIES.
 """
 
 from __future__ import annotations
@@ -11,20 +12,37 @@ from dataclasses import dataclass
 from moemerge.errors import MoemergeError
 from moemerge.sources import ModelSource
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+@dataclass(frozen=True)
+class InputFamily:
+    """A dense family: what its attention holds beyond q/k/v/o weights, and the MoE format it becomes."""
+
+    name: str
+    attention_extras: tuple[str, ...]
+    default_output: str
+
+
+FAMILIES = {
+    "LlamaForCausalLM": InputFamily("llama", (), "mixtral"),
+    "MistralForCausalLM": InputFamily("mistral", (), "mixtral"),
+    "Qwen2ForCausalLM": InputFamily("qwen2", ("q_proj.bias", "k_proj.bias", "v_proj.bias"), "qwen2_moe"),
+    "Qwen3ForCausalLM": InputFamily("qwen3", ("q_norm.weight", "k_norm.weight"), "qwen3_moe"),
+}
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_LAYER_TENSOR = re.compile(
-    r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-    r"\.weight"
-)
 _GLOBAL_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+# Config switches that add weights no output format holds.
+_REFUSED_FLAGS = {
+    "attention_bias": "an o_proj bias (and q/k/v biases outside Qwen2), which no MoE format moemerge writes holds",
+    "mlp_bias": "MLP biases, which no MoE format moemerge writes holds",
+    "use_sliding_window": "a sliding window on some layers only, which moemerge does not carry over",
+}
 
 
 @dataclass(frozen=True)
 class DenseShape:
-    """The sizes every expert must share with the base."""
+    """The family and sizes every expert must share with the base."""
 
-    family: str
+    family: InputFamily
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -40,18 +58,18 @@ def dense_shape(source: ModelSource) -> DenseShape:
     config = source.config
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     arch = architectures[0]
-    if arch not in SUPPORTED:
+    if arch not in FAMILIES:
         raise MoemergeError(
-            f"{source.label}: architecture {arch} is not supported; moemerge reads {', '.join(SUPPORTED)} models"
+            f"{source.label}: architecture {arch} is not supported; moemerge reads {', '.join(FAMILIES)} models"
         )
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag, what in _REFUSED_FLAGS.items():
         if config.get(flag):
-            raise MoemergeError(f"{source.label}: {flag} is true, which a Mixtral output cannot hold")
+            raise MoemergeError(f"{source.label}: {flag} is true: {what}")
     if config.get("hidden_act", "silu") != "silu":
-        raise MoemergeError(f"{source.label}: hidden_act {config['hidden_act']!r}; Mixtral experts use silu")
+        raise MoemergeError(f"{source.label}: hidden_act {config['hidden_act']!r}; MoE experts use silu")
     try:
         return DenseShape(
-            SUPPORTED[arch],
+            FAMILIES[arch],
             int(config["num_hidden_layers"]),
             int(config["hidden_size"]),
             int(config["intermediate_size"]),
@@ -61,14 +79,29 @@ def dense_shape(source: ModelSource) -> DenseShape:
         raise MoemergeError(f"{source.path / 'config.json'}: missing key {exc.args[0]}") from None
 
 
+def _layer_tensor_pattern(family: InputFamily) -> re.Pattern[str]:
+    attention = "|".join(
+        re.escape(name)
+        for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", *family.attention_extras)
+    )
+    return re.compile(
+        rf"model\.layers\.(\d+)\.(?:(?:input_layernorm|post_attention_layernorm|mlp\.(?:gate|up|down)_proj)\.weight"
+        rf"|self_attn\.(?:{attention}))"
+    )
+
+
 def check_tensor_names(source: ModelSource, shape: DenseShape) -> None:
-    """Every tensor must be one we know where to put; an attention bias or a stray tensor is refused by name."""
+    """Every tensor must be one we know where to put; a stray tensor (say, a bias Llama should not have) is
+    refused by name."""
+    pattern = _layer_tensor_pattern(shape.family)
     for name in source.tensors.names():
         if name in _GLOBAL_TENSORS or name.endswith("rotary_emb.inv_freq"):
             continue
-        match = _LAYER_TENSOR.fullmatch(name)
+        match = pattern.fullmatch(name)
         if match is None:
-            raise MoemergeError(f"{source.label}: unexpected tensor {name}; moemerge reads plain Llama/Mistral weights")
+            raise MoemergeError(
+                f"{source.label}: unexpected tensor {name}; moemerge reads plain {shape.family.name} weights"
+            )
         if int(match.group(1)) >= shape.num_layers:
             raise MoemergeError(f"{source.label}: tensor {name} is beyond num_hidden_layers={shape.num_layers}")
 
@@ -79,8 +112,14 @@ def copied_tensors(source: ModelSource) -> list[str]:
 
 
 def check_expert_shape(base: DenseShape, expert: DenseShape, label: str) -> None:
-    """An expert must be the same network as the base up to its weights; say which size differs."""
-    for field in ("num_layers", "hidden_size", "intermediate_size", "vocab_size"):
+    """An expert must be the same network as the base up to its weights; say which size differs.
+
+    The vocabulary is checked apart (moemerge.vocab), since it has a way out."""
+    if expert.family != base.family:
+        raise MoemergeError(
+            f"{label}: a {expert.family.name} model, but the base is {base.family.name}; experts must match the base"
+        )
+    for field in ("num_layers", "hidden_size", "intermediate_size"):
         want, got = getattr(base, field), getattr(expert, field)
         if want != got:
             raise MoemergeError(

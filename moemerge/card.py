@@ -11,7 +11,7 @@ import yaml
 from moemerge.hub import origin_name, parse_hub_id
 from moemerge.recipe import Recipe
 
-TAGS = ["moe", "mixtral", "merge", "moemerge"]
+TAGS = ["moe", "merge", "moemerge"]
 PROMPTS_SHOWN = 5
 GATE_MODES = {
     "hidden": "set from the hidden states each router really sees, for each expert's prompts",
@@ -132,7 +132,8 @@ def model_card(
 ) -> str:
     """Markdown with a YAML header.
 
-    `stats` holds `name` (the output folder's name), `layers`, `total_params`, `active_params` and optionally
+    `stats` holds `name` (the output folder's name), `model_type`, `class_name`, `layers`, `total_params`,
+    `active_params` and optionally
     `dtype`; `sources` is moemerge.json's record of what each recipe key resolved to; `training` is
     gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known.
     """
@@ -150,7 +151,7 @@ def model_card(
             "base_model_relation": "merge",
             "library_name": "transformers",
             "pipeline_tag": "text-generation",
-            "tags": list(TAGS),
+            "tags": [*TAGS, stats["model_type"]],
         }
     )
     title = repo_id.split("/")[-1] if repo_id else stats["name"]
@@ -171,7 +172,7 @@ def model_card(
 
 # {title}
 
-A Mixtral-style mixture of experts with {len(names)} experts ({", ".join(_cell(n) for n in names)}), built with
+A {stats["model_type"]} mixture of experts with {len(names)} experts ({", ".join(_cell(n) for n in names)}), built with
 [moemerge](https://pypi.org/project/moemerge/) from the base {base_cell}. Attention, embeddings and norms come
 from the base; each expert contributes its MLP; a router in every layer sends each token to
 {recipe.experts_per_token} of the {len(names)} experts.
@@ -207,7 +208,7 @@ inputs = tokenizer("Write a Python function that reverses a string.", return_ten
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))
 ```
 
-It loads as `MixtralForCausalLM`; vLLM and llama.cpp read it as a Mixtral model.
+It loads as `{stats["class_name"]}` (classic Hub layout), which vLLM and llama.cpp's converter also read.
 
 ## Recipe
 

@@ -29,7 +29,11 @@ from moemerge.prompts import read_dataset_csv, read_prompt_file
 from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
 from moemerge.verify import verify
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build a Mixtral MoE from a base model and experts.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from a base model and experts.",
+)
 err = Console(stderr=True)
 DEBUG = {"on": False}
 
@@ -71,6 +75,9 @@ def merge_command(
     shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB.")] = "5GB",
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickled .bin weights (can run code).")] = False,
+    allow_vocab_mismatch: Annotated[
+        bool, typer.Option(help="Build with the base's vocabulary when experts have added tokens (warns).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass for hidden gates.")] = 32,
     push_to_hub: Annotated[str | None, typer.Option(help="Then upload OUT to this Hub repo (org/name).")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo private (with --push-to-hub).")] = False,
@@ -82,8 +89,17 @@ def merge_command(
         check_push_target(push_to_hub, revision, create_pr)
     elif private or revision or create_pr:
         raise MoemergeError("--private, --revision and --create-pr go with --push-to-hub org/name")
-    options = MergeOptions(device, dtype, seed, parse_size(shard_size), force, allow_pickle, batch_size)
-    options.hub_repo_id = push_to_hub
+    options = MergeOptions(
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        shard_size=parse_size(shard_size),
+        force=force,
+        allow_pickle=allow_pickle,
+        allow_vocab_mismatch=allow_vocab_mismatch,
+        batch_size=batch_size,
+        hub_repo_id=push_to_hub,
+    )
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bars:
         summary = merge(recipe, out, options, RichBars(bars))

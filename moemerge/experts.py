@@ -15,26 +15,33 @@ class Expert:
     """Produces one expert's MLP weights, one tensor at a time, in the output dtype."""
 
     def __init__(
-        self, index: int, spec: ExpertSpec, model: ModelSource, adapter: LoraAdapter | None, seed: int
+        self,
+        index: int,
+        spec: ExpertSpec,
+        model: ModelSource,
+        adapter: LoraAdapter | None,
+        seed: int,
+        label: str | None = None,
     ) -> None:
         self.index = index
         self.spec = spec
         self.model = model
         self.adapter = adapter
         self.seed = seed
+        self.label = label or f"experts[{index}]"
+        self.down_scale = 1.0  # set by the merge where the output format mixes experts with a shared expert
 
     def check(self, base: ModelSource, num_layers: int) -> None:
         """Every MLP weight must exist with the base's shape; the message names the tensor that does not."""
-        label = f"experts[{self.index}]"
         for layer in range(num_layers):
             for projection in MLP_PROJECTIONS:
                 name = mlp_tensor(layer, projection)
                 want, got = base.tensors.shape(name), self.model.tensors.shape(name)
                 if want != got:
-                    raise MoemergeError(f"{label}: tensor {name} is {list(got)} but the base's is {list(want)}")
+                    raise MoemergeError(f"{self.label}: tensor {name} is {list(got)} but the base's is {list(want)}")
         if self.adapter is not None:
             for module in self.adapter.modules_beyond(num_layers):
-                raise MoemergeError(f"{label}: adapter adapts {module}, beyond the base's {num_layers} layers")
+                raise MoemergeError(f"{self.label}: adapter adapts {module}, beyond the base's {num_layers} layers")
             self.adapter.check_shapes(self.model.tensors.shape)
 
     def _noise_seed(self, layer: int, projection: int) -> int:
@@ -45,8 +52,9 @@ class Expert:
         name = mlp_tensor(layer, projection)
         weight = self.model.tensors.load(name)
         delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
-        noise, residual = self.spec.noise_scale, self.spec.residual_scale
-        scaled = projection == "down_proj" and residual is not None and residual != 1.0
+        noise = self.spec.noise_scale
+        residual = (1.0 if self.spec.residual_scale is None else self.spec.residual_scale) * self.down_scale
+        scaled = projection == "down_proj" and residual != 1.0
         if delta is None and not noise and not scaled:
             return weight.to(dtype)
         work = weight.float()

@@ -16,17 +16,20 @@ from moemerge.card import base_license, model_card
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.experts import Expert
+from moemerge.formats import choose_format
+from moemerge.formats.common import MoeLayout
+from moemerge.formats.format import OutputFormat
 from moemerge.gates.compute import GateContext, compute_gates
 from moemerge.hub import HubFetcher
 from moemerge.lora import LoraAdapter
-from moemerge.mixtral import mixtral_config
 from moemerge.plan import build_plan
 from moemerge.progress import Progress, Silent
 from moemerge.prompts import gather_prompts
-from moemerge.recipe import DTYPE_ALIASES, Recipe, load_recipe
+from moemerge.recipe import DTYPE_ALIASES, ExpertSpec, Recipe, load_recipe
 from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
 from moemerge.staging import check_output, staged_output
 from moemerge.verify import check_structure
+from moemerge.vocab import vocab_mismatch
 from moemerge.writer import write_json, write_shards
 
 log = logging.getLogger("moemerge")
@@ -45,6 +48,7 @@ class MergeOptions:
     shard_size: int = 5_000_000_000
     force: bool = False
     allow_pickle: bool = False
+    allow_vocab_mismatch: bool = False  # build with the base's vocabulary when experts added tokens
     batch_size: int = 32
     hub_repo_id: str | None = None  # the Hub repo the output is meant for: named in the model card (cli pushes)
 
@@ -70,24 +74,38 @@ def _output_dtype(options: MergeOptions, recipe: Recipe, base: ModelSource) -> t
     return getattr(torch, DTYPE_ALIASES[str(name).lower()])
 
 
-def _open_experts(
-    recipe: Recipe, recipe_dir: Path, base: ModelSource, options: MergeOptions, hub: HubFetcher | None = None
-) -> list[Expert]:
-    """Each expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily."""
-    opened: dict[Path, ModelSource] = {base.path.resolve(): base}
-    experts = []
-    for i, spec in enumerate(recipe.experts):
-        key = f"experts[{i}].source_model"
-        ref = resolve_reference(spec.source_model, key, recipe_dir, base.path, hub)
-        model = opened.get(ref.model.resolve())
-        if model is None:
-            model = ModelSource(ref.model, key, options.allow_pickle)
-            opened[ref.model.resolve()] = model
-        adapter = LoraAdapter(ref.adapter, key, options.allow_pickle) if ref.adapter else None
-        if adapter and adapter.ignored:
-            log.warning(f"{key}: adapter also changes {len(adapter.ignored)} non-MLP modules; only MLPs are used")
-        experts.append(Expert(i, spec, model, adapter, options.seed))
-    return experts
+@dataclass
+class Inputs:
+    """Everything the recipe names, opened and checked against each other from headers alone."""
+
+    base: ModelSource
+    shape: DenseShape
+    output: OutputFormat
+    experts: list[Expert]
+    shared: Expert | None
+    dropped_tokens: dict[str, list[str]]  # expert label → added tokens the MoE leaves out
+
+
+def _open_expert(
+    index: int,
+    spec: ExpertSpec,
+    key: str,
+    recipe_dir: Path,
+    opened: dict[Path, ModelSource],
+    options: MergeOptions,
+    hub: HubFetcher | None,
+) -> Expert:
+    """An expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily."""
+    base = next(iter(opened.values()))
+    ref = resolve_reference(spec.source_model, f"{key}.source_model", recipe_dir, base.path, hub)
+    model = opened.get(ref.model.resolve())
+    if model is None:
+        model = ModelSource(ref.model, f"{key}.source_model", options.allow_pickle)
+        opened[ref.model.resolve()] = model
+    adapter = LoraAdapter(ref.adapter, f"{key}.source_model", options.allow_pickle) if ref.adapter else None
+    if adapter and adapter.ignored:
+        log.warning(f"{key}: adapter also changes {len(adapter.ignored)} non-MLP modules; only MLPs are used")
+    return Expert(index, spec, model, adapter, options.seed, label=key)
 
 
 def _copy_side_files(base: ModelSource, out: Path) -> None:
@@ -109,22 +127,42 @@ def _copy_side_files(base: ModelSource, out: Path) -> None:
             write_json(tokenizer_config, config)
 
 
-def _open_and_check(
-    recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: HubFetcher
-) -> tuple[ModelSource, DenseShape, list[Expert]]:
-    """Open base and experts, and check from headers alone that they fit together: every problem is found
-    before a byte of output is written."""
+def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: HubFetcher) -> Inputs:
+    """Open base and experts, and check from headers alone that they fit together and the output format can
+    hold them: every problem is found before a byte of output is written."""
     base_ref = resolve_reference(recipe.base_model, "base_model", recipe_dir, None, hub)
     base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
     shape = dense_shape(base)
     check_tensor_names(base, shape)
-    experts = _open_experts(recipe, recipe_dir, base, options, hub)
-    for expert in experts:
-        check_expert_shape(shape, dense_shape(expert.model), f"experts[{expert.index}]")
+    output = choose_format(
+        recipe.architecture, shape.family.name, shape.family.default_output, base.config, bool(recipe.shared_experts)
+    )
+    opened: dict[Path, ModelSource] = {base.path.resolve(): base}
+    experts = [
+        _open_expert(i, spec, f"experts[{i}]", recipe_dir, opened, options, hub)
+        for i, spec in enumerate(recipe.experts)
+    ]
+    shared = [
+        _open_expert(len(experts) + i, spec, f"shared_experts[{i}]", recipe_dir, opened, options, hub)
+        for i, spec in enumerate(recipe.shared_experts)
+    ]
+    if shared and any(spec.positive_prompts or spec.negative_prompts for spec in recipe.shared_experts):
+        log.warning("shared_experts[0]: prompts are not used; the shared expert's gate is a constant 0.5")
+    dropped: dict[str, list[str]] = {}
+    for expert in experts + shared:
         if expert.model is not base:
+            check_expert_shape(shape, dense_shape(expert.model), expert.label)
             check_tensor_names(expert.model, shape)
+            tokens = vocab_mismatch(base, expert.model, expert.label, options.allow_vocab_mismatch)
+            if tokens:
+                log.warning(
+                    f"{expert.label}: {len(tokens)} added token(s) left out; the MoE uses the base's vocabulary"
+                )
+                dropped[expert.label] = tokens
         expert.check(base, shape.num_layers)
-    return base, shape, experts
+    for expert in experts:
+        expert.down_scale = output.routed_scale(bool(shared))
+    return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
 
 
 def merge(
@@ -141,13 +179,15 @@ def merge(
     device = resolve_device(options.device)
     check_output(out, options.force, [])  # before any download: an existing OUT is refused now
     hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
-    base, shape, experts = _open_and_check(recipe, recipe_path.parent, options, hub)
-    check_output(out, options.force, [base.path] + [e.model.path for e in experts])
+    inputs = _open_and_check(recipe, recipe_path.parent, options, hub)
+    base, shape, experts = inputs.base, inputs.shape, inputs.experts
+    sources = [base.path] + [e.model.path for e in experts + ([inputs.shared] if inputs.shared else [])]
+    check_output(out, options.force, sources)
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
 
     gates: dict[str, torch.Tensor] = {}
-    plan = build_plan(base, experts, shape.num_layers, shape.hidden_size, dtype, lambda layer: gates["rows"][layer])
+    plan = build_plan(inputs.output, base, shape, experts, inputs.shared, dtype, lambda layer: gates["rows"][layer])
     context = GateContext(
         base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
     )
@@ -161,7 +201,14 @@ def merge(
     with staged_output(out, options.force) as partial:
         advance = progress.task("writing shards", sum(t.nbytes for t in plan))
         index = write_shards(plan, partial, options.shard_size, advance)
-        config = mixtral_config(base.config, len(experts), recipe.experts_per_token, str(dtype).removeprefix("torch."))
+        layout = MoeLayout(
+            shape.family.name,
+            len(experts),
+            recipe.experts_per_token,
+            inputs.shared is not None,
+            str(dtype).removeprefix("torch."),
+        )
+        config = inputs.output.config(base.config, layout)
         write_json(partial / "config.json", config)
         _copy_side_files(base, partial)
         recipe_text = recipe_path.read_text(encoding="utf-8")
@@ -175,11 +222,14 @@ def merge(
                 "seed": options.seed,
                 "recipe": recipe.model_dump(mode="json"),
                 "sources": hub.sources,
+                "architecture": inputs.output.name,
+                "dropped_tokens": inputs.dropped_tokens,
             },
         )
         if result.report is not None:
             write_json(partial / TRAINING_REPORT, result.report.as_dict())
         stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
+        stats |= {"model_type": inputs.output.model_type, "class_name": inputs.output.class_name}
         stats["dtype"] = str(dtype).removeprefix("torch.")
         training = result.report.as_dict() if result.report is not None else None
         card = model_card(

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from moemerge.arch import MLP_PROJECTIONS, copied_tensors, mlp_tensor
+from moemerge.arch import MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
 from moemerge.experts import Expert
-from moemerge.mixtral import expert_name, gate_name
+from moemerge.formats.format import OutputFormat
 from moemerge.sources import ModelSource
 from moemerge.writer import PlannedTensor
 
@@ -27,42 +27,73 @@ def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str | None
     )
 
 
-def _expert(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: torch.dtype) -> PlannedTensor:
+def _mlp(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: torch.dtype, out: str) -> PlannedTensor:
     return PlannedTensor(
-        expert_name(layer, expert.index, projection),
+        out,
         base.tensors.shape(mlp_tensor(layer, projection)),
         dtype,
         lambda: expert.tensor(layer, projection, dtype),
-        f"experts[{expert.index}] {mlp_tensor(layer, projection)}",
+        f"{expert.label} {mlp_tensor(layer, projection)}",
     )
 
 
+def _zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype, why: str) -> PlannedTensor:
+    return PlannedTensor(name, shape, dtype, lambda: torch.zeros(shape, dtype=dtype), why)
+
+
+def _shared_expert(
+    output: OutputFormat, shared: Expert | None, base: ModelSource, shape: DenseShape, layer: int, dtype: torch.dtype
+) -> list[PlannedTensor]:
+    """The shared expert's MLP and its gate. The gate is zero: a constant weight of 0.5 (see formats.qwen2_moe).
+    Without a shared expert the MLP has intermediate size 0, so it adds nothing."""
+    hidden = shape.hidden_size
+    planned = [_zeros(output.shared_gate_name(layer), (1, hidden), dtype, "shared expert gate")]
+    for projection in MLP_PROJECTIONS:
+        name = output.shared_expert_name(layer, projection)
+        if shared is not None:
+            planned.append(_mlp(shared, base, layer, projection, dtype, name))
+        else:
+            empty = (hidden, 0) if projection == "down_proj" else (0, hidden)
+            planned.append(_zeros(name, empty, dtype, "no shared expert"))
+    return planned
+
+
 def build_plan(
+    output: OutputFormat,
     base: ModelSource,
+    shape: DenseShape,
     experts: list[Expert],
-    num_layers: int,
-    hidden_size: int,
+    shared: Expert | None,
     dtype: torch.dtype,
     gate_rows: Callable[[int], torch.Tensor],
 ) -> list[PlannedTensor]:
     """Layer by layer, so a reader of one shard finds a whole layer together.
 
-    A tied base has no lm_head.weight; the MoE gets an explicit copy of the embeddings (see mixtral_config).
+    A tied base has no lm_head.weight; the MoE gets an explicit copy of the embeddings (see dense_config).
     """
     copied = copied_tensors(base)
     by_layer: dict[int, list[str]] = {}
     for name in copied:
         by_layer.setdefault(_layer_of(name), []).append(name)
     plan = [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name == EMBED]
-    for layer in range(num_layers):
+    for layer in range(shape.num_layers):
         plan += [_copy(base, name, dtype) for name in by_layer.get(layer, [])]
         plan.append(
             PlannedTensor(
-                gate_name(layer), (len(experts), hidden_size), dtype, lambda i=layer: gate_rows(i).to(dtype), "gates"
+                output.gate_name(layer),
+                (len(experts), shape.hidden_size),
+                dtype,
+                lambda i=layer: gate_rows(i).to(dtype),
+                "gates",
             )
         )
         for expert in experts:
-            plan += [_expert(expert, base, layer, projection, dtype) for projection in MLP_PROJECTIONS]
+            plan += [
+                _mlp(expert, base, layer, projection, dtype, output.expert_name(layer, expert.index, projection))
+                for projection in MLP_PROJECTIONS
+            ]
+        if output.holds_shared_expert:
+            plan += _shared_expert(output, shared, base, shape, layer, dtype)
     plan += [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name != EMBED]
     if LM_HEAD not in copied:
         plan.append(_copy(base, EMBED, dtype, out_name=LM_HEAD))

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.errors import MoemergeError
+from moemerge.formats import canonical_name
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "trained"]
 PROMPT_MODES = ("hidden", "cheap_embed", "trained")
@@ -25,9 +26,6 @@ DTYPE_ALIASES = {
 }
 # Keys that belong to later features or other tools: refused with a reason instead of a spelling hint.
 EXPLAINED_KEYS = {
-    "shared_experts": "shared experts need the qwen2_moe output format, which moemerge does not write yet; "
-    "remove shared_experts",
-    "architecture": "moemerge writes Mixtral only for now; remove architecture (mixtral is the default)",
     "merge_method": "merge_method belongs to mergekit-yaml merges, not to MoE recipes; remove it",
     "models": "`models` is a mergekit-yaml key; an MoE recipe lists `experts` with `source_model` each",
 }
@@ -95,6 +93,18 @@ class Recipe(BaseModel):
     gate_scale: float = Field(default=30.0, gt=0)  # measured: benchmarks/routing_quality.py
     dataset_csv: str | None = None
     training: TrainingSpec = TrainingSpec()
+    architecture: str | None = None  # output format; None: the base family's default (see moemerge.formats)
+    shared_experts: list[ExpertSpec] = Field(default=[], max_length=1)
+
+    @field_validator("architecture", mode="before")
+    @classmethod
+    def _known_architecture(cls, value: Any) -> Any:
+        return canonical_name(value) if isinstance(value, str) else value
+
+    @field_validator("shared_experts", mode="before")
+    @classmethod
+    def _shared_as_list(cls, value: Any) -> Any:
+        return _as_list(value)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -168,7 +178,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    model = ExpertSpec if "experts" in loc else TrainingSpec if "training" in loc else Recipe
+    model = ExpertSpec if {"experts", "shared_experts"} & set(loc) else TrainingSpec if "training" in loc else Recipe
     return list(model.model_fields)
 
 
@@ -185,6 +195,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "literal_error" and loc[-1] == "gate_mode":
         message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random, uniform_random or trained"
+    if error["type"] == "too_long" and loc[-1] == "shared_experts":
+        message = "at most one shared expert: the Qwen2-MoE format holds one per layer"
     return f"{path}: {message}" if path else message
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.formats import format_of_config
 from moemerge.hf import load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ class Routing:
 
     @property
     def choices(self) -> torch.Tensor:
-        """[layers, tokens, k] expert indices, as the Mixtral block picks them."""
+        """[layers, tokens, k] expert indices, as the MoE block picks them."""
         return self.logits.topk(self.top_k, dim=-1).indices
 
     def shares(self) -> torch.Tensor:
@@ -81,11 +82,14 @@ def expert_names(out: Path, count: int) -> list[str]:
 
 
 def load_moe(out: Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
-    """A merged output, its tokenizer and its expert names; refuses folders that are not Mixtral outputs."""
+    """A merged output, its tokenizer and its expert names; refuses folders that are not MoE outputs."""
     if not (out / "config.json").is_file():
         raise MoemergeError(f"{out}: not a model folder (no config.json)")
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MoemergeError(f"{out / 'config.json'}: not valid JSON") from None
+    count = format_of_config(config, str(out / "config.json")).num_experts(config)
     model = load_model(out, torch.float32).to(device)
-    if not hasattr(model.config, "num_local_experts"):
-        raise MoemergeError(f"{out}: {type(model).__name__} is not a mixture of experts")
     tokenizer = load_tokenizer(out)
-    return model, tokenizer, expert_names(out, model.config.num_local_experts)
+    return model, tokenizer, expert_names(out, count)

@@ -12,40 +12,11 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.formats import format_of_config
 from moemerge.hf import load_model
 from moemerge.safetensors_header import TensorInfo, read_header
 from moemerge.sources import TensorStore
 from moemerge.writer import INDEX_NAME
-
-
-def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor a classic-layout Mixtral with this config holds, with its shape."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab, experts = config["vocab_size"], config["num_local_experts"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, hidden),
-        "model.norm.weight": (hidden,),
-        "lm_head.weight": (vocab, hidden),
-    }
-    for layer in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}"
-        shapes[f"{prefix}.input_layernorm.weight"] = (hidden,)
-        shapes[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
-        shapes[f"{prefix}.self_attn.q_proj.weight"] = (heads * head_dim, hidden)
-        shapes[f"{prefix}.self_attn.k_proj.weight"] = (kv_heads * head_dim, hidden)
-        shapes[f"{prefix}.self_attn.v_proj.weight"] = (kv_heads * head_dim, hidden)
-        shapes[f"{prefix}.self_attn.o_proj.weight"] = (hidden, heads * head_dim)
-        shapes[f"{prefix}.block_sparse_moe.gate.weight"] = (experts, hidden)
-        for expert in range(experts):
-            moe = f"{prefix}.block_sparse_moe.experts.{expert}"
-            shapes[f"{moe}.w1.weight"] = (inter, hidden)
-            shapes[f"{moe}.w2.weight"] = (hidden, inter)
-            shapes[f"{moe}.w3.weight"] = (inter, hidden)
-    if config.get("tie_word_embeddings"):
-        del shapes["lm_head.weight"]
-    return shapes
 
 
 def _read_json(path: Path) -> dict:
@@ -74,7 +45,7 @@ def check_structure(out: Path) -> dict[str, TensorInfo]:
     unlisted = sorted(p.name for p in out.glob("*.safetensors") if p.name not in set(weight_map.values()))
     if unlisted:
         raise MoemergeError(f"{out / unlisted[0]}: shard not listed in {INDEX_NAME}")
-    expected = expected_tensors(config)
+    expected = format_of_config(config, str(out / "config.json")).expected_tensors(config)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -101,9 +72,10 @@ def check_values(tensors: dict[str, TensorInfo]) -> None:
 
 def check_loads(out: Path) -> None:
     """transformers loads it as a Mixtral and runs a forward pass with finite logits."""
+    want = format_of_config(_read_json(out / "config.json"), str(out / "config.json")).class_name
     model = load_model(out)
-    if type(model).__name__ != "MixtralForCausalLM":
-        raise MoemergeError(f"{out}: transformers loaded {type(model).__name__}, not MixtralForCausalLM")
+    if type(model).__name__ != want:
+        raise MoemergeError(f"{out}: transformers loaded {type(model).__name__}, not {want}")
     with torch.inference_mode():
         logits = model(torch.tensor([[model.config.bos_token_id or 0, 1, 2]])).logits
     if not torch.isfinite(logits.float()).all():

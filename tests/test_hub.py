@@ -250,7 +250,14 @@ def test_trained_gates_card_reports_held_out_accuracy(tmp_path):
         "train_tokens": 80,
         "holdout_tokens": 20,
     }
-    stats = {"name": "out", "layers": 2, "total_params": 1000, "active_params": 600}
+    stats = {
+        "name": "out",
+        "layers": 2,
+        "total_params": 1000,
+        "active_params": 600,
+        "model_type": "mixtral",
+        "class_name": "MixtralForCausalLM",
+    }
     card = model_card(recipe, "base_model: org/base\n", stats, None, None, training)
     assert "license" not in front_matter(card)
     assert front_matter(card)["base_model"] == ["org/base", "org/a", "org/b"]

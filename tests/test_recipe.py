@@ -266,11 +266,20 @@ def _without(data: dict, index: int, key: str) -> dict:
         ),
         pytest.param(recipe(models=[]), "models: `models` is a mergekit-yaml key", id="models"),
         pytest.param(
-            recipe(shared_experts=[expert("c")]),
-            "shared_experts: shared experts need the qwen2_moe",
-            id="shared-experts",
+            recipe(shared_experts=[expert("c"), expert("d")]),
+            "shared_experts: at most one shared expert: the Qwen2-MoE format holds one per layer",
+            id="two-shared-experts",
         ),
-        pytest.param(recipe(architecture="qwen"), "architecture: moemerge writes Mixtral only", id="architecture"),
+        pytest.param(
+            recipe(shared_experts=[expert("c", postive_prompts=["x"])]),
+            "shared_experts[0].postive_prompts: unknown key; did you mean `positive_prompts`?",
+            id="shared-expert-typo",
+        ),
+        pytest.param(
+            recipe(architecture="deepseek"),
+            "architecture: unknown architecture 'deepseek'; moemerge writes mixtral, qwen2_moe, qwen3_moe",
+            id="architecture",
+        ),
         pytest.param(recipe(gate_mode="smart"), "gate_mode: unknown gate mode 'smart'; use hidden", id="gate-mode"),
         pytest.param(
             recipe(experts_per_token=0), "experts_per_token: Input should be greater than or equal to 1", id="k0"
@@ -588,3 +597,19 @@ def test_yaml_round_trip_returns_recipe_or_moemerge_error(tmp_path_factory, data
     except MoemergeError:
         return
     assert isinstance(loaded, Recipe)
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("mixtral", "mixtral"), ("Qwen", "qwen2_moe"), ("qwen2_moe", "qwen2_moe"), ("qwen3", "qwen3_moe"), (None, None)],
+)
+def test_architecture_spellings(written, meant):
+    """mergekit-moe's names (qwen, qwen3) mean our formats, so its recipes read unchanged."""
+    assert parse_recipe(recipe(architecture=written)).architecture == meant
+
+
+def test_mergekit_qwen_recipe_with_shared_expert_loads():
+    data = recipe(architecture="qwen", shared_experts=[{"source_model": "base", "positive_prompts": ["all"]}])
+    parsed = parse_recipe(data)
+    assert parsed.architecture == "qwen2_moe"
+    assert [s.source_model for s in parsed.shared_experts] == ["base"]

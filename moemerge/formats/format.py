@@ -1,0 +1,65 @@
+"""What an MoE output format is to the merge: tensor names, config.json, the tensors a valid output holds."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from moemerge.formats.common import MoeLayout
+
+
+class OutputFormat(ABC):
+    """One MoE layout we write. The merge core only ever talks to this interface, so a new format is one
+    new module and one line in the registry."""
+
+    name: str  # the recipe's `architecture:` value
+    model_type: str
+    class_name: str  # what AutoModelForCausalLM loads it as
+    experts_key: str  # the config key holding the number of routed experts
+    expert_size_key: str  # the config key holding a routed expert's intermediate size
+    holds_shared_expert: bool = False
+    refused_families: dict[str, str] = {}  # input family → why this format cannot hold it
+
+    def refusal(self, family: str, base_config: dict[str, Any]) -> str | None:
+        """Why a base of `family` with this config cannot become this format; None when it can."""
+        return self.refused_families.get(family)
+
+    @abstractmethod
+    def gate_name(self, layer: int) -> str: ...
+
+    @abstractmethod
+    def expert_name(self, layer: int, expert: int, projection: str) -> str: ...
+
+    def routed_scale(self, shared_expert: bool) -> float:
+        """What the routed experts' down projections are multiplied by, so that with a shared expert the
+        layer's output stays on the dense MLP's scale."""
+        return 1.0
+
+    def shared_expert_name(self, layer: int, projection: str) -> str:
+        raise NotImplementedError(f"{self.name} has no shared expert")
+
+    def shared_gate_name(self, layer: int) -> str:
+        raise NotImplementedError(f"{self.name} has no shared expert")
+
+    @abstractmethod
+    def config(self, base: dict[str, Any], layout: MoeLayout) -> dict[str, Any]:
+        """config.json for the MoE, from the dense base's config."""
+
+    @abstractmethod
+    def expected_tensors(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Every tensor an output of this format with this config holds, with its shape."""
+
+    def routed_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The routers and routed experts of every layer, with their shapes."""
+        hidden, inter, count = config["hidden_size"], config[self.expert_size_key], config[self.experts_key]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer in range(config["num_hidden_layers"]):
+            shapes[self.gate_name(layer)] = (count, hidden)
+            for expert in range(count):
+                shapes[self.expert_name(layer, expert, "gate_proj")] = (inter, hidden)
+                shapes[self.expert_name(layer, expert, "up_proj")] = (inter, hidden)
+                shapes[self.expert_name(layer, expert, "down_proj")] = (hidden, inter)
+        return shapes
+
+    def num_experts(self, config: dict[str, Any]) -> int:
+        return int(config[self.experts_key])
