@@ -18,7 +18,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny_models import make_base, make_expert, make_lora, save_model, tiny_tokenizer, write_recipe
+from tiny_models import (
+    input_ids,
+    load_model,
+    logits_of,
+    make_base,
+    make_expert,
+    make_lora,
+    read_tensors,
+    save_model,
+    tiny_tokenizer,
+    weight_files,
+    write_recipe,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
 
 from moemerge.gates.random_gates import random_gates
@@ -30,44 +42,10 @@ PROJECTION_OF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Mistral base with values that differ from every default, so the config checks can tell copying from guessing.
 MISTRAL_OVERRIDES = dict(head_dim=16, sliding_window=16, rope_theta=250000.0)
-SEQ_LEN = 24  # longer than the Mistral base's sliding window
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def input_ids(vocab: int = 64, batch: int = 2, length: int = SEQ_LEN) -> torch.Tensor:
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(1234))
-
-
-def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files a folder's index lists, or its lone safetensors file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / name for name in names]
-    return sorted(folder.glob("*.safetensors"))
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, read with safetensors itself; a name in two files is an error."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in weight_files(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                assert name not in tensors, f"{name} is in more than one shard"
-                tensors[name] = handle.get_tensor(name)
-    return tensors
 
 
 def shard_header(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Tiny random Llama/Mistral models, experts and adapters written to disk, the way users' folders look."""
+"""Tiny random Llama/Mistral/Qwen2/Qwen3 models, experts and adapters written to disk, the way users' folders
+look, and the readers tests use to check what a merge wrote."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+SEQ_LEN = 24  # longer than the Mistral test base's sliding window
 VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ",", "?", "0", "1"]
 
 
@@ -25,7 +37,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | MistralConfig:
+def tiny_config(family: str = "llama", **overrides) -> PreTrainedConfig:
     sizes = dict(
         vocab_size=64,
         hidden_size=32,
@@ -38,8 +50,10 @@ def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | MistralConf
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+    if family == "qwen3":
+        sizes["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]  # Qwen3Config's default is 128
     sizes.update(overrides)
-    return MistralConfig(**sizes) if family == "mistral" else LlamaConfig(**sizes)
+    return CONFIGS[family](**sizes)
 
 
 def save_model(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -52,29 +66,25 @@ def save_model(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.fl
 def make_base(path: Path, family: str = "llama", seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
-    model = (MistralForCausalLM if family == "mistral" else LlamaForCausalLM)(config)
-    with torch.no_grad():  # random init gives tiny norms weights of 1; vary them so copies are checkable
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init gives norms of 1 and biases of 0; vary them so copies are checkable
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
     return save_model(model, path)
 
 
 def make_expert(base: Path, path: Path, seed: int, scale: float = 0.05) -> Path:
     """A 'fine-tune' of the base: its MLP weights perturbed, everything else unchanged."""
-    model = (
-        LlamaForCausalLM.from_pretrained(base) if "llama" in _arch(base) else MistralForCausalLM.from_pretrained(base)
-    )
+    model = AutoModelForCausalLM.from_pretrained(base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".mlp." in name:
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
     return save_model(model, path)
-
-
-def _arch(path: Path) -> str:
-    return json.loads((path / "config.json").read_text())["architectures"][0].lower()
 
 
 def make_lora(
@@ -129,3 +139,39 @@ def write_recipe(path: Path, base: Path, experts: list, **fields) -> Path:
     recipe = {"base_model": str(base), "gate_mode": "hidden", "dtype": "float32", "experts": entries, **fields}
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# reading outputs back
+
+
+def input_ids(vocab: int = 64, batch: int = 2, length: int = SEQ_LEN) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(1234))
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files a folder's index lists, or its lone safetensors file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / name for name in names]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder, read with safetensors itself; a name in two files is an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                assert name not in tensors, f"{name} is in more than one shard"
+                tensors[name] = handle.get_tensor(name)
+    return tensors

@@ -1,0 +1,170 @@
+"""Every input family into every output format it can become: what transformers 5 loads, and what it computes.
+
+The reference is always the dense base's own forward pass: an MoE whose experts are all the base's MLP must
+give the base's logits, whatever the format. Pairs that cannot work are refused in one line naming why.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import input_ids, load_model, logits_of, make_base, make_expert, read_tensors, write_recipe
+from transformers import AutoModelForCausalLM
+
+from moemerge.errors import MoemergeError
+from moemerge.merge import MergeOptions, merge
+from moemerge.routing import load_moe, route
+from moemerge.verify import verify
+
+# (input family, `architecture:` in the recipe or None for the default, the class transformers must load)
+PAIRS = [
+    ("llama", None, "MixtralForCausalLM"),
+    ("llama", "qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("mistral", None, "MixtralForCausalLM"),
+    ("mistral", "qwen", "Qwen2MoeForCausalLM"),
+    ("qwen2", None, "Qwen2MoeForCausalLM"),
+    ("qwen3", None, "Qwen3MoeForCausalLM"),
+]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {
+        family: make_base(root / family, family, seed=seed, tie_word_embeddings=family == "qwen2")
+        for seed, family in enumerate(("llama", "mistral", "qwen2", "qwen3"))
+    }
+
+
+def merged(tmp_path: Path, base: Path, experts: list, **fields) -> Path:
+    recipe = write_recipe(tmp_path / "recipe.yaml", base, experts, **fields)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu", seed=3))
+    return tmp_path / "out"
+
+
+def assert_base_logits(out: Path, base: Path, class_name: str) -> None:
+    moe, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert type(moe).__name__ == class_name
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = input_ids()
+    diff = (logits_of(moe.eval(), ids) - logits_of(load_model(base), ids)).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
+
+
+@pytest.mark.parametrize(("family", "architecture", "class_name"), PAIRS)
+def test_copies_of_base_give_base_logits(tmp_path, bases, family, architecture, class_name):
+    base = bases[family]
+    fields = {"architecture": architecture} if architecture else {}
+    out = merged(tmp_path, base, [base, base, base], gate_mode="hidden", **fields)
+    assert_base_logits(out, base, class_name)
+    assert verify(out, deep=True) > 0
+    manifest = json.loads((out / "moemerge.json").read_text())
+    assert manifest["architecture"] == json.loads((out / "config.json").read_text())["model_type"]
+
+
+def test_qwen2_shared_expert_of_base_gives_base_logits(tmp_path, bases):
+    """Routed experts and the shared expert are mixed half and half, so base everywhere is the base."""
+    base = bases["qwen2"]
+    out = merged(tmp_path, base, [base, base], shared_experts=[{"source_model": str(base)}], gate_mode="random")
+    config = json.loads((out / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == config["moe_intermediate_size"] == 48
+    assert_base_logits(out, base, "Qwen2MoeForCausalLM")
+
+
+def test_qwen2_distinct_experts_biases_and_shared_expert(tmp_path, bases):
+    base = bases["qwen2"]
+    experts = [make_expert(base, tmp_path / f"e{seed}", seed=seed) for seed in (1, 2)]
+    shared = make_expert(base, tmp_path / "shared", seed=9)
+    out = merged(tmp_path, base, experts, shared_experts=[{"source_model": str(shared)}])
+    written, dense = read_tensors(out), read_tensors(base)
+    for layer in range(3):
+        for part in ("q", "k", "v"):
+            name = f"model.layers.{layer}.self_attn.{part}_proj.bias"
+            assert torch.equal(written[name], dense[name]) and dense[name].abs().sum() > 0
+        for index, expert in enumerate(experts):
+            source = read_tensors(expert)
+            for projection in ("gate_proj", "up_proj", "down_proj"):
+                want = source[f"model.layers.{layer}.mlp.{projection}.weight"]
+                want = want * 0.5 if projection == "down_proj" else want
+                assert torch.equal(written[f"model.layers.{layer}.mlp.experts.{index}.{projection}.weight"], want)
+        shared_source = read_tensors(shared)
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(
+                written[f"model.layers.{layer}.mlp.shared_expert.{projection}.weight"],
+                shared_source[f"model.layers.{layer}.mlp.{projection}.weight"],
+            )
+        assert torch.equal(written[f"model.layers.{layer}.mlp.shared_expert_gate.weight"], torch.zeros(1, 32))
+    assert torch.equal(written["lm_head.weight"], dense["model.embed_tokens.weight"])  # tied base, explicit head
+
+
+def test_qwen2_without_shared_expert_writes_an_empty_one(tmp_path, bases):
+    base = bases["qwen2"]
+    out = merged(tmp_path, base, [base, make_expert(base, tmp_path / "e", seed=4)], gate_mode="random")
+    config = json.loads((out / "config.json").read_text())
+    assert config["shared_expert_intermediate_size"] == 0 and config["qkv_bias"] is True
+    assert read_tensors(out)["model.layers.0.mlp.shared_expert.down_proj.weight"].shape == (32, 0)
+
+
+def test_qwen3_keeps_q_and_k_norms(tmp_path, bases):
+    base = bases["qwen3"]
+    out = merged(tmp_path, base, [make_expert(base, tmp_path / f"e{s}", seed=s) for s in (1, 2)])
+    written, dense = read_tensors(out), read_tensors(base)
+    for layer in range(3):
+        for norm in ("q_norm", "k_norm"):
+            name = f"model.layers.{layer}.self_attn.{norm}.weight"
+            assert written[name].shape == (8,) and torch.equal(written[name], dense[name])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_experts"] == 2 and config["norm_topk_prob"] is True and config["head_dim"] == 8
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_route_reads_qwen_outputs(tmp_path, bases, family):
+    base = bases[family]
+    out = merged(tmp_path, base, [make_expert(base, tmp_path / f"e{s}", seed=s) for s in (1, 2, 3)])
+    model, tokenizer, names = load_moe(out, torch.device("cpu"))
+    routing = route(model, tokenizer, "abc abc")
+    assert names == ["e1", "e2", "e3"]
+    assert routing.logits.shape == (3, 7, 3) and torch.isfinite(routing.logits).all()
+    assert torch.allclose(routing.shares().sum(), torch.tensor(2.0))
+
+
+REFUSED = [
+    ("qwen2", "mixtral", {}, "architecture: a qwen2 base cannot become mixtral: Qwen2 attention has q/k/v biases"),
+    ("qwen3", "mixtral", {}, "architecture: a qwen3 base cannot become mixtral: Qwen3 attention normalises q and k"),
+    ("qwen3", "qwen2_moe", {}, "architecture: a qwen3 base cannot become qwen2_moe: Qwen3 attention normalises"),
+    ("llama", "qwen3_moe", {}, "architecture: a llama base cannot become qwen3_moe: Qwen3-MoE normalises q and k"),
+    ("qwen2", "qwen3_moe", {}, "a Qwen2 base has no q_norm/k_norm weights"),
+    ("qwen3", None, {"shared_experts": [{"source_model": "x"}]}, "base_model: a qwen3 base cannot become qwen2_moe"),
+    ("llama", "mixtral", {"shared_experts": [{"source_model": "x"}]}, "shared_experts: mixtral has no shared expert"),
+]
+
+
+@pytest.mark.parametrize(("family", "architecture", "fields", "expected"), REFUSED)
+def test_impossible_pairs_are_refused_with_a_reason(tmp_path, bases, family, architecture, fields, expected):
+    base = bases[family]
+    if architecture:
+        fields = {**fields, "architecture": architecture}
+    with pytest.raises(MoemergeError) as info:
+        merged(tmp_path, base, [base, base], **fields)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_windowed_mistral_cannot_become_qwen2_moe(tmp_path):
+    base = make_base(tmp_path / "windowed", "mistral", sliding_window=16)
+    with pytest.raises(MoemergeError, match="sliding window of 16 tokens in every layer.*use architecture: mixtral"):
+        merged(tmp_path, base, [base, base], architecture="qwen2_moe")
+
+
+def test_expert_of_another_family_is_refused(tmp_path, bases):
+    with pytest.raises(MoemergeError, match=r"experts\[1\]: a qwen2 model, but the base is llama"):
+        merged(tmp_path, bases["llama"], [bases["llama"], bases["qwen2"]])
+
+
+def test_sliding_window_qwen2_base_is_refused(tmp_path):
+    base = make_base(tmp_path / "windowed", "qwen2", use_sliding_window=True, sliding_window=16)
+    with pytest.raises(MoemergeError, match="base_model: use_sliding_window is true"):
+        merged(tmp_path, base, [base, base])
