@@ -11,7 +11,6 @@ import yaml
 from moemerge.hub import origin_name, parse_hub_id
 from moemerge.recipe import Recipe
 
-TAGS = ["moe", "merge", "moemerge"]
 PROMPTS_SHOWN = 5
 GATE_MODES = {
     "hidden": "set from the hidden states each router really sees, for each expert's prompts",
@@ -151,7 +150,7 @@ def model_card(
             "base_model_relation": "merge",
             "library_name": "transformers",
             "pipeline_tag": "text-generation",
-            "tags": [*TAGS, stats["model_type"]],
+            "tags": ["moe", stats["model_type"], "merge", "moemerge"],
         }
     )
     title = repo_id.split("/")[-1] if repo_id else stats["name"]

@@ -9,6 +9,7 @@ import torch
 from moemerge.arch import MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
 from moemerge.experts import Expert
 from moemerge.formats.format import OutputFormat
+from moemerge.formats.qwen2_moe import ZERO_SHARED_EXPERT_SIZE
 from moemerge.sources import ModelSource
 from moemerge.writer import PlannedTensor
 
@@ -45,7 +46,7 @@ def _shared_expert(
     output: OutputFormat, shared: Expert | None, base: ModelSource, shape: DenseShape, layer: int, dtype: torch.dtype
 ) -> list[PlannedTensor]:
     """The shared expert's MLP and its gate. The gate is zero: a constant weight of 0.5 (see formats.qwen2_moe).
-    Without a shared expert the MLP has intermediate size 0, so it adds nothing."""
+    Without a shared expert the MLP is all zeros, so it adds nothing."""
     hidden = shape.hidden_size
     planned = [_zeros(output.shared_gate_name(layer), (1, hidden), dtype, "shared expert gate")]
     for projection in MLP_PROJECTIONS:
@@ -53,8 +54,8 @@ def _shared_expert(
         if shared is not None:
             planned.append(_mlp(shared, base, layer, projection, dtype, name))
         else:
-            empty = (hidden, 0) if projection == "down_proj" else (0, hidden)
-            planned.append(_zeros(name, empty, dtype, "no shared expert"))
+            size = ZERO_SHARED_EXPERT_SIZE
+            planned.append(_zeros(name, (hidden, size) if projection == "down_proj" else (size, hidden), dtype, name))
     return planned
 
 

@@ -39,9 +39,16 @@ def _describe(ids: range, names: dict[int, str]) -> str:
     return ", ".join(shown) + more
 
 
+def _rows(model: ModelSource) -> int:
+    """Embedding rows from the weights; from config.json when only the MLP shards were fetched (Hub experts)."""
+    if model.tensors.has(EMBEDDINGS):
+        return model.tensors.shape(EMBEDDINGS)[0]
+    return int(model.config["vocab_size"])
+
+
 def vocab_mismatch(base: ModelSource, expert: ModelSource, label: str, allow: bool) -> list[str]:
     """The tokens the expert has and the base lacks ([] when the tables match); raises unless `allow`."""
-    want, got = base.tensors.shape(EMBEDDINGS)[0], expert.tensors.shape(EMBEDDINGS)[0]
+    want, got = _rows(base), _rows(expert)
     if want == got:
         return []
     names = _tokens_by_id(expert.path)

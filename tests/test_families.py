@@ -100,12 +100,17 @@ def test_qwen2_distinct_experts_biases_and_shared_expert(tmp_path, bases):
     assert torch.equal(written["lm_head.weight"], dense["model.embed_tokens.weight"])  # tied base, explicit head
 
 
-def test_qwen2_without_shared_expert_writes_an_empty_one(tmp_path, bases):
+def test_qwen2_without_shared_expert_writes_a_zero_one(tmp_path, bases):
+    """A zero shared expert adds nothing; the identical-experts test above shows the logits are the base's."""
     base = bases["qwen2"]
     out = merged(tmp_path, base, [base, make_expert(base, tmp_path / "e", seed=4)], gate_mode="random")
     config = json.loads((out / "config.json").read_text())
-    assert config["shared_expert_intermediate_size"] == 0 and config["qkv_bias"] is True
-    assert read_tensors(out)["model.layers.0.mlp.shared_expert.down_proj.weight"].shape == (32, 0)
+    assert config["shared_expert_intermediate_size"] == 32 and config["qkv_bias"] is True
+    written = read_tensors(out)
+    for layer in range(3):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            weight = written[f"model.layers.{layer}.mlp.shared_expert.{projection}.weight"]
+            assert weight.numel() == 32 * 32 and not weight.any()
 
 
 def test_qwen3_keeps_q_and_k_norms(tmp_path, bases):

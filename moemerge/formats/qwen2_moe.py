@@ -1,7 +1,9 @@
 """Qwen2-MoE: routed experts plus one shared expert with a sigmoid gate; attention may carry q/k/v biases.
 
-Without a shared expert in the recipe, the shared expert is written with intermediate size 0: it adds
-nothing, costs nothing, and transformers 4 and 5 load it. With one, the shared-expert gate is zero (a
+Without a shared expert in the recipe, the format still needs one: it is written with all-zero weights, so it
+adds exactly nothing, at intermediate size 32. Not 0: transformers loads empty tensors, but llama.cpp reads a
+size of 0 as "use intermediate_size" and then rejects the tensors' shapes; 32 is the smallest size its
+quantizers take in whole blocks. With one, the shared-expert gate is zero (a
 constant sigmoid of 0.5) and the merge halves the routed experts' down projections, so each layer's
 output is the mean of the routed mix and the shared expert: N identical experts plus the base as shared
 expert give the dense base exactly.
@@ -15,6 +17,7 @@ from moemerge.formats.common import MoeLayout, attention_head_dim, dense_shapes
 from moemerge.formats.qwen_moe import QwenMoeLayout
 
 SHARED_GATE_WEIGHT = 0.5  # sigmoid(0): what a zero shared-expert gate gives the shared expert
+ZERO_SHARED_EXPERT_SIZE = 32  # the intermediate size of the all-zero shared expert written when there is none
 
 
 class Qwen2Moe(QwenMoeLayout):
@@ -49,7 +52,9 @@ class Qwen2Moe(QwenMoeLayout):
         return {
             **self.qwen_config(base, layout),
             "qkv_bias": layout.family == "qwen2",
-            "shared_expert_intermediate_size": base["intermediate_size"] if layout.shared_expert else 0,
+            "shared_expert_intermediate_size": base["intermediate_size"]
+            if layout.shared_expert
+            else ZERO_SHARED_EXPERT_SIZE,
         }
 
     def expected_tensors(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

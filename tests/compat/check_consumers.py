@@ -243,7 +243,8 @@ def gguf_header(path: str, config_path: str) -> None:
         )
     }
     layer0 = {t.name: [int(x) for x in t.shape] for t in reader.tensors if t.name.startswith("blk.0.")}
-    n, h, f = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
+    n = config.get("num_local_experts") or config["num_experts"]
+    h, f = config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
     expect = {
         "expert_count": n,
         "expert_used_count": config["num_experts_per_tok"],
@@ -256,6 +257,7 @@ def gguf_header(path: str, config_path: str) -> None:
         "blk.0.ffn_up_exps.weight": [h, f, n],
         "blk.0.ffn_down_exps.weight": [f, h, n],
         "blk.0.ffn_gate_inp.weight": [h, n],
+        **shared_expert_shapes(config),
     }.items():
         if layer0.get(name) != shape:
             problems.append(f"{name} {layer0.get(name)} (expected {shape})")
@@ -264,7 +266,20 @@ def gguf_header(path: str, config_path: str) -> None:
     print(json.dumps({"summary": summary, "problems": problems, "layer0": layer0}))
 
 
-def make_tiny(num_experts: int, out: Path) -> None:
+def shared_expert_shapes(config: dict) -> dict[str, list[int]]:
+    """Qwen2-MoE's shared expert in llama.cpp's names (it leaves an empty one out of the expectations)."""
+    h, f = config["hidden_size"], config.get("shared_expert_intermediate_size")
+    if not f:
+        return {}
+    return {
+        "blk.0.ffn_gate_shexp.weight": [h, f],
+        "blk.0.ffn_up_shexp.weight": [h, f],
+        "blk.0.ffn_down_shexp.weight": [f, h],
+        "blk.0.ffn_gate_inp_shexp.weight": [h, 1],
+    }
+
+
+def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool = False) -> None:
     """A tiny merged output with num_experts experts, using the real SmolLM2 tokenizer when the demo cache has it
     (llama.cpp's converter rejects the tests' character-level WordLevel tokenizer, which says nothing about MoE)."""
     import shutil
@@ -277,17 +292,19 @@ def make_tiny(num_experts: int, out: Path) -> None:
     demo = Path(__file__).resolve().parents[2] / "examples" / ".cache" / "demo-moe"
     work = Path(tempfile.mkdtemp(prefix="moemerge-tiny-"))
     real_tokenizer = (demo / "tokenizer.json").exists()
-    base = make_base(work / "base", **({"vocab_size": 49152} if real_tokenizer else {}))
+    base = make_base(work / "base", family, **({"vocab_size": 49152} if real_tokenizer else {}))
     if real_tokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(demo / name, base / name)
     experts = [make_expert(base, work / f"expert{i}", seed=i + 1) for i in range(num_experts)]
-    recipe = write_recipe(work / "recipe.yaml", base, experts)
+    fields = {"shared_experts": [{"source_model": str(base)}]} if shared else {}
+    recipe = write_recipe(work / "recipe.yaml", base, experts, **fields)
     if out.exists():
         shutil.rmtree(out)
     moemerge.merge(str(recipe), str(out))
     shutil.rmtree(work)
-    print(f"wrote {out} ({num_experts} experts, tokenizer: {'SmolLM2' if real_tokenizer else 'tiny WordLevel'})")
+    tokenizer = "SmolLM2" if real_tokenizer else "tiny WordLevel"
+    print(f"wrote {out} ({family} base, {num_experts} experts, shared expert {shared}, tokenizer: {tokenizer})")
 
 
 def main() -> int:
@@ -302,6 +319,8 @@ def main() -> int:
     parser.add_argument(
         "--make-tiny", nargs=2, metavar=("N", "DIR"), help="write a tiny merged output with N experts and exit"
     )
+    parser.add_argument("--family", default="llama", help="with --make-tiny: llama, mistral, qwen2 or qwen3 base")
+    parser.add_argument("--shared", action="store_true", help="with --make-tiny: the base as a shared expert")
     parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where venvs are created (default {DEFAULT_CACHE})"
     )
@@ -317,7 +336,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.make_tiny:
-        make_tiny(int(args.make_tiny[0]), Path(args.make_tiny[1]))
+        make_tiny(int(args.make_tiny[0]), Path(args.make_tiny[1]), args.family, args.shared)
         return 0
     if args.out is None or not (args.out / "config.json").exists():
         parser.error("OUT must be a moemerge output folder (with config.json)")
