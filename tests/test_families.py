@@ -22,6 +22,7 @@ from moemerge.verify import verify
 # (input family, `architecture:` in the recipe or None for the default, the class transformers must load)
 PAIRS = [
     ("llama", None, "MixtralForCausalLM"),
+    ("llama3", None, "MixtralForCausalLM"),
     ("llama", "qwen2_moe", "Qwen2MoeForCausalLM"),
     ("mistral", None, "MixtralForCausalLM"),
     ("mistral", "qwen", "Qwen2MoeForCausalLM"),
@@ -30,13 +31,26 @@ PAIRS = [
 ]
 
 
+# Llama 3.1's rope scaling, with an original context shorter than the test's sequences.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
-    return {
+    bases = {
         family: make_base(root / family, family, seed=seed, tie_word_embeddings=family == "qwen2")
         for seed, family in enumerate(("llama", "mistral", "qwen2", "qwen3"))
     }
+    # a copy: transformers writes rope_theta into the dict it is given
+    bases["llama3"] = make_base(root / "llama3", "llama", seed=5, rope_scaling=dict(LLAMA3_ROPE), rope_theta=500000.0)
+    return bases
 
 
 def merged(tmp_path: Path, base: Path, experts: list, **fields) -> Path:
@@ -63,6 +77,14 @@ def test_copies_of_base_give_base_logits(tmp_path, bases, family, architecture, 
     assert verify(out, deep=True) > 0
     manifest = json.loads((out / "moemerge.json").read_text())
     assert manifest["architecture"] == json.loads((out / "config.json").read_text())["model_type"]
+
+
+def test_llama3_rope_is_written_in_the_classic_keys(tmp_path, bases):
+    """transformers 4, vLLM and llama.cpp's converter read rope_theta / rope_scaling, not rope_parameters."""
+    out = merged(tmp_path, bases["llama3"], [bases["llama3"]] * 2, gate_mode="random")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["rope_scaling"] == LLAMA3_ROPE
+    assert "rope_parameters" not in config
 
 
 def test_qwen2_shared_expert_of_base_gives_base_logits(tmp_path, bases):

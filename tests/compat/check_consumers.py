@@ -261,6 +261,12 @@ def gguf_header(path: str, config_path: str) -> None:
     }.items():
         if layer0.get(name) != shape:
             problems.append(f"{name} {layer0.get(name)} (expected {shape})")
+    rope = config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp applies Llama 3 rope scaling through this tensor
+        head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+        freqs = next(([int(x) for x in t.shape] for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+        if freqs != [head_dim // 2]:
+            problems.append(f"rope_freqs.weight {freqs} (expected [{head_dim // 2}] for llama3 rope)")
     summary = f"arch {arch}, " + ", ".join(f"{k}={v}" for k, v in keys.items() if v is not None)
     summary += f", {len(reader.tensors)} tensors"
     print(json.dumps({"summary": summary, "problems": problems, "layer0": layer0}))
@@ -279,7 +285,7 @@ def shared_expert_shapes(config: dict) -> dict[str, list[int]]:
     }
 
 
-def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool = False) -> None:
+def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool = False, **base_config) -> None:
     """A tiny merged output with num_experts experts, using the real SmolLM2 tokenizer when the demo cache has it
     (llama.cpp's converter rejects the tests' character-level WordLevel tokenizer, which says nothing about MoE)."""
     import shutil
@@ -292,7 +298,7 @@ def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool =
     demo = Path(__file__).resolve().parents[2] / "examples" / ".cache" / "demo-moe"
     work = Path(tempfile.mkdtemp(prefix="moemerge-tiny-"))
     real_tokenizer = (demo / "tokenizer.json").exists()
-    base = make_base(work / "base", family, **({"vocab_size": 49152} if real_tokenizer else {}))
+    base = make_base(work / "base", family, **({"vocab_size": 49152} if real_tokenizer else {}), **base_config)
     if real_tokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(demo / name, base / name)
@@ -322,6 +328,9 @@ def main() -> int:
     parser.add_argument("--family", default="llama", help="with --make-tiny: llama, mistral, qwen2 or qwen3 base")
     parser.add_argument("--shared", action="store_true", help="with --make-tiny: the base as a shared expert")
     parser.add_argument(
+        "--base-config", default="{}", help="with --make-tiny: JSON config overrides, e.g. '{\"rope_scaling\": {...}}'"
+    )
+    parser.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where venvs are created (default {DEFAULT_CACHE})"
     )
     parser.add_argument("--tf4-python", help="python of a venv with transformers 4.x (default: create CACHE/tf4-venv)")
@@ -336,7 +345,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.make_tiny:
-        make_tiny(int(args.make_tiny[0]), Path(args.make_tiny[1]), args.family, args.shared)
+        make_tiny(
+            int(args.make_tiny[0]), Path(args.make_tiny[1]), args.family, args.shared, **json.loads(args.base_config)
+        )
         return 0
     if args.out is None or not (args.out / "config.json").exists():
         parser.error("OUT must be a moemerge output folder (with config.json)")
