@@ -9,7 +9,6 @@ import torch
 from moemerge.arch import MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
 from moemerge.experts import Expert
 from moemerge.formats.format import OutputFormat
-from moemerge.formats.qwen2_moe import ZERO_SHARED_EXPERT_SIZE
 from moemerge.sources import ModelSource
 from moemerge.writer import PlannedTensor
 
@@ -54,7 +53,7 @@ def _shared_expert(
         if shared is not None:
             planned.append(_mlp(shared, base, layer, projection, dtype, name))
         else:
-            size = ZERO_SHARED_EXPERT_SIZE
+            size = output.zero_shared_expert_size
             planned.append(_zeros(name, (hidden, size) if projection == "down_proj" else (size, hidden), dtype, name))
     return planned
 

@@ -18,6 +18,7 @@ class OutputFormat(ABC):
     experts_key: str  # the config key holding the number of routed experts
     expert_size_key: str  # the config key holding a routed expert's intermediate size
     holds_shared_expert: bool = False
+    zero_shared_expert_size: int = 0  # the all-zero shared expert written when the recipe has none
     refused_families: dict[str, str] = {}  # input family → why this format cannot hold it
 
     def refusal(self, family: str, base_config: dict[str, Any]) -> str | None:

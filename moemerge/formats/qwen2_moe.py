@@ -17,7 +17,6 @@ from moemerge.formats.common import MoeLayout, attention_head_dim, dense_shapes
 from moemerge.formats.qwen_moe import QwenMoeLayout
 
 SHARED_GATE_WEIGHT = 0.5  # sigmoid(0): what a zero shared-expert gate gives the shared expert
-ZERO_SHARED_EXPERT_SIZE = 32  # the intermediate size of the all-zero shared expert written when there is none
 
 
 class Qwen2Moe(QwenMoeLayout):
@@ -25,6 +24,7 @@ class Qwen2Moe(QwenMoeLayout):
     model_type = "qwen2_moe"
     class_name = "Qwen2MoeForCausalLM"
     holds_shared_expert = True
+    zero_shared_expert_size = 32
     refused_families = {
         "qwen3": "Qwen3 attention normalises q and k (q_norm/k_norm), which Qwen2-MoE lacks; "
         "use architecture: qwen3_moe",
@@ -54,7 +54,7 @@ class Qwen2Moe(QwenMoeLayout):
             "qkv_bias": layout.family == "qwen2",
             "shared_expert_intermediate_size": base["intermediate_size"]
             if layout.shared_expert
-            else ZERO_SHARED_EXPERT_SIZE,
+            else self.zero_shared_expert_size,
         }
 
     def expected_tensors(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
