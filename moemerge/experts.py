@@ -8,6 +8,7 @@ from moemerge.arch import MLP_PROJECTIONS, mlp_tensor
 from moemerge.errors import MoemergeError
 from moemerge.lora import LoraAdapter
 from moemerge.recipe import ExpertSpec
+from moemerge.safetensors_header import TensorInfo
 from moemerge.sources import ModelSource
 
 
@@ -41,12 +42,22 @@ class Expert:
         # One seed per tensor, so the noise does not depend on the order tensors are written in.
         return (self.seed * 1_000_003 + self.index * 10_007 + layer * 31 + projection) % (2**63)
 
+    def _scaled(self, projection: str) -> bool:
+        residual = self.spec.residual_scale
+        return projection == "down_proj" and residual is not None and residual != 1.0
+
+    def source_bytes(self, layer: int, projection: str, dtype: torch.dtype) -> TensorInfo | None:
+        """The file range holding this tensor's output bytes as they are: the model's own weight, already in
+        `dtype`, with no adapter, noise or residual scale (None otherwise, and then `tensor` computes it)."""
+        if self.adapter is not None or self.spec.noise_scale or self._scaled(projection):
+            return None
+        return self.model.tensors.byte_range(mlp_tensor(layer, projection), dtype)
+
     def tensor(self, layer: int, projection: str, dtype: torch.dtype) -> torch.Tensor:
         name = mlp_tensor(layer, projection)
         weight = self.model.tensors.load(name)
         delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
-        noise, residual = self.spec.noise_scale, self.spec.residual_scale
-        scaled = projection == "down_proj" and residual is not None and residual != 1.0
+        noise, scaled = self.spec.noise_scale, self._scaled(projection)
         if delta is None and not noise and not scaled:
             return weight.to(dtype)
         work = weight.float()
@@ -56,5 +67,5 @@ class Expert:
             generator = torch.Generator().manual_seed(self._noise_seed(layer, MLP_PROJECTIONS.index(projection)))
             work += torch.randn(work.shape, generator=generator) * noise
         if scaled:
-            work *= residual
+            work *= self.spec.residual_scale
         return work.to(dtype)

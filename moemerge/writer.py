@@ -6,19 +6,26 @@ being written, whatever the model's size.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.safetensors_header import DTYPE_NAMES
+from moemerge.safetensors_header import DTYPE_NAMES, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
+# copy_file_range fails with these where the kernel cannot copy between the two files (other file systems,
+# older kernels); the bytes then go through user space.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
+_CHUNK = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,7 @@ class PlannedTensor:
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
     source: str = ""
+    verbatim: TensorInfo | None = None  # the source bytes, when they are the output bytes as they are
 
     @property
     def numel(self) -> int:
@@ -71,29 +79,100 @@ def _header(tensors: list[PlannedTensor]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _checked(tensor: PlannedTensor) -> torch.Tensor:
-    """Make one tensor and check it is what the plan promised, and finite."""
+def _finite(value: torch.Tensor) -> bool:
+    # aminmax propagates NaN and ±Inf and allocates no tensor-sized mask: 10x cheaper than isfinite().all()
+    return (
+        not value.is_floating_point()
+        or not value.numel()
+        or bool(torch.isfinite(torch.stack(torch.aminmax(value))).all())
+    )
+
+
+def _non_finite(tensor: PlannedTensor) -> MoemergeError:
+    return MoemergeError(f"{tensor.source}: NaN or Inf values (output tensor {tensor.name}); fix the source weights")
+
+
+def _check_verbatim(tensor: PlannedTensor, info: TensorInfo) -> TensorInfo:
+    """Check a file range that will be copied as it is, through a private map of the file: the values are
+    read from the page cache in place, and only the pages of this one tensor are mapped at a time."""
+    if info.shape != tensor.shape or info.dtype != tensor.dtype:
+        raise RuntimeError(f"internal error: {tensor.name} was planned as {tensor.dtype}{list(tensor.shape)}")
+    if not info.dtype.is_floating_point or info.nbytes == 0:
+        return info
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with info.file.open("rb") as handle:
+        try:
+            mapped = mmap.mmap(handle.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except ValueError:
+            raise _truncated(info) from None
+    with mapped:  # the tensor over the map is gone when _finite returns, so the map can close
+        finite = _finite(torch.frombuffer(mapped, dtype=info.dtype, count=tensor.numel, offset=info.start - start))
+    if not finite:
+        raise _non_finite(tensor)
+    return info
+
+
+def _checked(tensor: PlannedTensor) -> torch.Tensor | TensorInfo:
+    """Make one tensor and check it is what the plan promised, and finite; a verbatim tensor is only
+    checked, and its file range returned for copying."""
+    if tensor.verbatim is not None:
+        return _check_verbatim(tensor, tensor.verbatim)
     value = tensor.produce()
     if tuple(value.shape) != tensor.shape or value.dtype != tensor.dtype:
         raise RuntimeError(
             f"internal error: {tensor.name} was planned as {tensor.dtype}{list(tensor.shape)} "
             f"but produced {value.dtype}{list(value.shape)}"
         )
-    # aminmax propagates NaN and ±Inf and allocates no tensor-sized mask: 10x cheaper than isfinite().all()
-    if value.is_floating_point() and value.numel() and not torch.isfinite(torch.stack(torch.aminmax(value))).all():
-        raise MoemergeError(f"{tensor.source}: NaN or Inf values (output tensor {tensor.name}); fix the source weights")
+    if not _finite(value):
+        raise _non_finite(tensor)
     return value.contiguous()
 
 
-def _prefetched(tensors: list[PlannedTensor]) -> Iterator[torch.Tensor]:
-    """Tensors in order, each made on a helper thread while the previous one is written: reading and
-    converting overlap with writing (all release the GIL), and at most two tensors are in memory."""
+def _prefetched(tensors: list[PlannedTensor]) -> Iterator[torch.Tensor | TensorInfo]:
+    """Tensors in order, each made (or checked) on a helper thread while the previous one is written:
+    reading, converting and checking overlap with writing (all release the GIL), and at most two tensors
+    are in memory."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_checked, tensors[0]) if tensors else None
         for following in [*tensors[1:], None]:
             value = pending.result()
             pending = pool.submit(_checked, following) if following is not None else None
             yield value
+
+
+def _truncated(info: TensorInfo) -> MoemergeError:
+    return MoemergeError(f"{info.file}: truncated; it ends before byte {info.end}")
+
+
+def _copy_chunk(source: int, target: int, offset: int, count: int) -> int:
+    """Copy up to `count` bytes from `offset` in `source` to `target`'s position; 0 at the source's end."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(source, target, count, offset)
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    return os.write(target, os.pread(source, min(count, _CHUNK), offset))
+
+
+def _copy_range(info: TensorInfo, handle: BinaryIO) -> None:
+    """Append a source file's byte range to the output inside the kernel, from page cache to page cache:
+    no user-space buffer is allocated, filled and written back."""
+    handle.flush()
+    with info.file.open("rb") as source:
+        offset = info.start
+        while offset < info.end:
+            copied = _copy_chunk(source.fileno(), handle.fileno(), offset, info.end - offset)
+            if copied == 0:
+                raise _truncated(info)
+            offset += copied
+
+
+def _write(value: torch.Tensor | TensorInfo, handle: BinaryIO) -> None:
+    if isinstance(value, TensorInfo):
+        _copy_range(value, handle)
+    else:
+        handle.write(value.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def shard_name(number: int, total: int) -> str:
@@ -113,7 +192,7 @@ def write_shards(
             with (folder / name).open("wb") as handle:
                 handle.write(_header(tensors))
                 for tensor in tensors:
-                    handle.write(next(values).reshape(-1).view(torch.uint8).numpy().data)
+                    _write(next(values), handle)
                     weight_map[tensor.name] = name
                     if on_tensor:
                         on_tensor(tensor.nbytes)
