@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tiny_models import make_base, make_expert, make_lora, save_model, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
 
+from moemerge import writer
 from moemerge.errors import MoemergeError
 from moemerge.gates.random_gates import random_gates
 from moemerge.merge import MergeOptions, merge
@@ -604,6 +605,28 @@ def test_without_kernel_copy_the_bytes_are_the_same(random_recipe, random_merge,
     reference = {n: t.view(torch.uint8) for n, t in read_tensors(random_merge).items()}
     assert merged.keys() == reference.keys()
     assert all(torch.equal(merged[n], reference[n]) for n in merged)
+
+
+@pytest.mark.skipif(writer._START_WRITEBACK is None, reason="no sync_file_range on this system")
+def test_writeback_is_requested_in_steps_over_each_shard(random_recipe, tmp_path, monkeypatch):
+    """Each shard asks the disk to write its bytes in consecutive ranges of at least a step, in order."""
+    requests: list[tuple[int, int, int]] = []
+    start_writeback = writer._START_WRITEBACK
+
+    def record(fd: int, offset: int, count: int, flags: int) -> int:
+        requests.append((os.fstat(fd).st_ino, offset, count))
+        return start_writeback(fd, offset, count, flags)
+
+    monkeypatch.setattr(writer, "WRITEBACK_STEP", 4096)
+    monkeypatch.setattr(writer, "_START_WRITEBACK", record)
+    merge(random_recipe, tmp_path / "out", MergeOptions(device="cpu", seed=7, shard_size=20_000))
+    shards = {file.stat().st_ino: file.stat().st_size for file in (tmp_path / "out").glob("*.safetensors")}
+    assert {inode for inode, _, _ in requests} == set(shards)
+    for inode, size in shards.items():
+        ranges = [(offset, count) for node, offset, count in requests if node == inode]
+        assert ranges[0][0] == 0 and all(count >= 4096 for _, count in ranges)
+        assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
+        assert size - 4096 <= ranges[-1][0] + ranges[-1][1] <= size
 
 
 def test_nan_in_a_copied_base_tensor_is_refused(tmp_path, bases, experts):
