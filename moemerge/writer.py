@@ -1,7 +1,8 @@
 """Streamed safetensors shards: headers are written from the plan, then tensor bytes one tensor at a time.
 
 Because every shape and dtype is known before the first byte, nothing is held in memory but the tensor
-being written, whatever the model's size.
+being written, whatever the model's size. A tensor whose source bytes already are its output bytes is not
+held at all: the kernel copies its file range into the shard.
 """
 
 from __future__ import annotations
