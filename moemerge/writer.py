@@ -25,7 +25,7 @@ from moemerge.safetensors_header import DTYPE_NAMES, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
 # copy_file_range fails with these where the kernel cannot copy between the two files (other file systems,
-# older kernels); the bytes then go through user space.
+# older kernels) or a sandbox forbids the call; the bytes then go through user space.
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM}
 _CHUNK = 16 * 2**20
 # Every this many bytes the disk is asked to start writing a shard's new bytes (see _Writeback).
@@ -149,15 +149,17 @@ def _truncated(info: TensorInfo) -> MoemergeError:
     return MoemergeError(f"{info.file}: truncated; it ends before byte {info.end}")
 
 
-def _copy_chunk(source: int, target: int, offset: int, count: int) -> int:
-    """Copy up to `count` bytes from `offset` in `source` to `target`'s position; 0 at the source's end."""
+def _copy_chunk(source: BinaryIO, target: int, offset: int, count: int) -> int:
+    """Copy up to `count` bytes from `offset` in `source` to the file descriptor `target` at its position;
+    0 at the source's end."""
     if hasattr(os, "copy_file_range"):
         try:
-            return os.copy_file_range(source, target, count, offset)
+            return os.copy_file_range(source.fileno(), target, count, offset)
         except OSError as exc:
             if exc.errno not in _NO_KERNEL_COPY:
                 raise
-    return os.write(target, os.pread(source, min(count, _CHUNK), offset))
+    source.seek(offset)
+    return os.write(target, source.read(min(count, _CHUNK)))
 
 
 def _copy_range(info: TensorInfo, handle: BinaryIO) -> None:
@@ -167,7 +169,7 @@ def _copy_range(info: TensorInfo, handle: BinaryIO) -> None:
     with info.file.open("rb") as source:
         offset = info.start
         while offset < info.end:
-            copied = _copy_chunk(source.fileno(), handle.fileno(), offset, info.end - offset)
+            copied = _copy_chunk(source, handle.fileno(), offset, info.end - offset)
             if copied == 0:
                 raise _truncated(info)
             offset += copied
@@ -190,6 +192,9 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     return function
 
 
+_START_WRITEBACK = _sync_file_range()
+
+
 class _Writeback:
     """Starts writeback of a shard's bytes in steps while later tensors are still being copied, so that
     the disk is busy from the start rather than from when the kernel's dirty threshold is reached, and the
@@ -206,9 +211,6 @@ class _Writeback:
         self.handle.flush()
         _START_WRITEBACK(self.handle.fileno(), self.started, position - self.started, _SYNC_FILE_RANGE_WRITE)
         self.started = position
-
-
-_START_WRITEBACK = _sync_file_range()
 
 
 def shard_name(number: int, total: int) -> str:
