@@ -581,6 +581,18 @@ def load_runs(path: Path) -> list[RunRecord]:
     return [RunRecord(**run) for run in report["runs"]]
 
 
+def combined_runs(paths: list[Path]) -> list[RunRecord]:
+    """The runs of several reports, repeats renumbered after those of the files before, so that pair
+    ratios pair runs of the same invocation only."""
+    records: list[RunRecord] = []
+    for path in paths:
+        shift = max((r.repeat for r in records), default=-1) + 1
+        for run in load_runs(path):
+            run.repeat += shift
+            records.append(run)
+    return records
+
+
 def print_report(records: list[RunRecord], json_path: Path | None, extra: dict[str, object]) -> None:
     """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` if given."""
     rows = summarize(records)
@@ -600,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.combine:
         print_report(
-            [r for path in args.combine for r in load_runs(path)],
+            combined_runs(args.combine),
             args.json,
             {"combined": [str(p) for p in args.combine]},
         )

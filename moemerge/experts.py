@@ -8,6 +8,7 @@ from moemerge.arch import MLP_PROJECTIONS, mlp_tensor
 from moemerge.errors import MoemergeError
 from moemerge.lora import LoraAdapter
 from moemerge.recipe import ExpertSpec
+from moemerge.safetensors_header import TensorInfo
 from moemerge.sources import ModelSource
 
 
@@ -48,14 +49,26 @@ class Expert:
         # One seed per tensor, so the noise does not depend on the order tensors are written in.
         return (self.seed * 1_000_003 + self.index * 10_007 + layer * 31 + projection) % (2**63)
 
+    def _residual(self, projection: str) -> float:
+        """What this projection is multiplied by: the recipe's residual_scale and the format's down_scale,
+        for down projections only."""
+        if projection != "down_proj":
+            return 1.0
+        return (1.0 if self.spec.residual_scale is None else self.spec.residual_scale) * self.down_scale
+
+    def source_bytes(self, layer: int, projection: str, dtype: torch.dtype) -> TensorInfo | None:
+        """The file range holding this tensor's output bytes as they are: the model's own weight, already in
+        `dtype`, with no adapter, noise or residual scale (None otherwise, and then `tensor` computes it)."""
+        if self.adapter is not None or self.spec.noise_scale or self._residual(projection) != 1.0:
+            return None
+        return self.model.tensors.byte_range(mlp_tensor(layer, projection), dtype)
+
     def tensor(self, layer: int, projection: str, dtype: torch.dtype) -> torch.Tensor:
         name = mlp_tensor(layer, projection)
         weight = self.model.tensors.load(name)
         delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
-        noise = self.spec.noise_scale
-        residual = (1.0 if self.spec.residual_scale is None else self.spec.residual_scale) * self.down_scale
-        scaled = projection == "down_proj" and residual != 1.0
-        if delta is None and not noise and not scaled:
+        noise, residual = self.spec.noise_scale, self._residual(projection)
+        if delta is None and not noise and residual == 1.0:
             return weight.to(dtype)
         work = weight.float()
         if delta is not None:
@@ -63,6 +76,6 @@ class Expert:
         if noise:
             generator = torch.Generator().manual_seed(self._noise_seed(layer, MLP_PROJECTIONS.index(projection)))
             work += torch.randn(work.shape, generator=generator) * noise
-        if scaled:
+        if residual != 1.0:
             work *= residual
         return work.to(dtype)

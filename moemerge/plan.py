@@ -23,7 +23,12 @@ def _layer_of(name: str) -> int:
 
 def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str | None = None) -> PlannedTensor:
     return PlannedTensor(
-        out_name or name, base.tensors.shape(name), dtype, lambda: base.tensors.load(name).to(dtype), f"base {name}"
+        out_name or name,
+        base.tensors.shape(name),
+        dtype,
+        lambda: base.tensors.load(name).to(dtype),
+        f"base {name}",
+        base.tensors.byte_range(name, dtype),
     )
 
 
@@ -34,6 +39,7 @@ def _mlp(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: 
         dtype,
         lambda: expert.tensor(layer, projection, dtype),
         f"{expert.label} {mlp_tensor(layer, projection)}",
+        expert.source_bytes(layer, projection, dtype),
     )
 
 

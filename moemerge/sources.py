@@ -124,6 +124,12 @@ class TensorStore:
             return self._pickled[name].dtype
         raise self._missing(name)
 
+    def byte_range(self, name: str, dtype: torch.dtype) -> TensorInfo | None:
+        """Where the tensor's bytes lie in its safetensors file, when they are already `dtype`: such a tensor
+        can be copied file to file instead of read and written back (pickled weights have no such range)."""
+        info = self._infos.get(name)
+        return info if info is not None and info.dtype == dtype else None
+
     def load(self, name: str) -> torch.Tensor:
         """Read one tensor into fresh memory, straight from its byte range in the file."""
         if name in self._pickled:

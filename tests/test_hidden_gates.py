@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import make_base, make_expert, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
+from moemerge.gates.hidden import SHRINKAGE, _discriminant
 from moemerge.router_inputs import pad_ready, token_router_inputs
 
 PROMPTS = [
@@ -104,3 +106,26 @@ def test_experts_with_near_identical_prompts_are_warned_about(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "nearly parallel" in r.getMessage()]
     assert warned and all("first and twin" in m for m in warned), warned
     assert len({m.split(":")[0] for m in warned}) == 3  # one line per layer, every layer
+
+
+@pytest.mark.parametrize("tokens", [40, 300], ids=["fewer_tokens_than_hidden", "more_tokens_than_hidden"])
+def test_discriminant_is_the_shrunk_covariance_solve(tokens):
+    """Σ_shrunk⁻¹ (means − their mean), computed in float64 from its definition, whichever side is factored."""
+    hidden, experts = 96, 3
+    generator = torch.Generator().manual_seed(tokens)
+    labels = torch.arange(tokens) % experts
+    # correlated features, as router inputs are: a few directions carry most of the variance
+    mixing = torch.randn(hidden, hidden, generator=generator) * torch.logspace(1, -1, hidden)[:, None]
+    features = torch.randn(tokens, hidden, generator=generator) @ mixing + labels[:, None] * 0.3
+    means = torch.randn(experts, hidden, generator=generator)
+
+    exact = features.double()
+    class_means = torch.stack([exact[labels == e].mean(dim=0) for e in range(experts)])
+    residual = exact - class_means[labels]
+    scatter = residual.T @ residual / tokens
+    shrunk = (1 - SHRINKAGE) * scatter + SHRINKAGE * torch.trace(scatter) / hidden * torch.eye(hidden)
+    want = torch.linalg.solve(shrunk, (means.double() - means.double().mean(dim=0)).T).T
+
+    got = _discriminant(features, labels, means)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())

@@ -6,8 +6,10 @@ never taken from moemerge's output.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -33,6 +35,8 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
 
+from moemerge import writer
+from moemerge.errors import MoemergeError
 from moemerge.gates.random_gates import random_gates
 from moemerge.merge import MergeOptions, merge
 
@@ -557,6 +561,65 @@ def test_streamed_output_equals_in_memory_reference(random_merge, bases, experts
     assert set(out) == set(expected)
     for name, tensor in out.items():
         assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize("failure", [errno.EXDEV, errno.ENOSYS, None], ids=["EXDEV", "ENOSYS", "absent"])
+def test_without_kernel_copy_the_bytes_are_the_same(random_recipe, random_merge, tmp_path, monkeypatch, failure):
+    """Tensors that are copied as they are go through copy_file_range; where the kernel refuses it (across
+    file systems, old kernels) or has none (other systems), plain reads and writes give the same bytes."""
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(failure, os.strerror(failure))
+
+    if failure is None:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    merge(random_recipe, tmp_path / "out", MergeOptions(device="cpu", seed=7, shard_size=20_000))
+    assert bool(calls) == (failure is not None)
+    merged = {n: t.view(torch.uint8) for n, t in read_tensors(tmp_path / "out").items()}
+    reference = {n: t.view(torch.uint8) for n, t in read_tensors(random_merge).items()}
+    assert merged.keys() == reference.keys()
+    assert all(torch.equal(merged[n], reference[n]) for n in merged)
+
+
+@pytest.mark.skipif(writer._START_WRITEBACK is None, reason="no sync_file_range on this system")
+def test_writeback_is_requested_in_steps_over_each_shard(random_recipe, tmp_path, monkeypatch):
+    """Each shard asks the disk to write its bytes in consecutive ranges of at least a step, in order."""
+    requests: list[tuple[int, int, int]] = []
+    start_writeback = writer._START_WRITEBACK
+
+    def record(fd: int, offset: int, count: int, flags: int) -> int:
+        requests.append((os.fstat(fd).st_ino, offset, count))
+        return start_writeback(fd, offset, count, flags)
+
+    monkeypatch.setattr(writer, "WRITEBACK_STEP", 4096)
+    monkeypatch.setattr(writer, "_START_WRITEBACK", record)
+    merge(random_recipe, tmp_path / "out", MergeOptions(device="cpu", seed=7, shard_size=20_000))
+    shards = {file.stat().st_ino: file.stat().st_size for file in (tmp_path / "out").glob("*.safetensors")}
+    assert {inode for inode, _, _ in requests} == set(shards)
+    for inode, size in shards.items():
+        ranges = [(offset, count) for node, offset, count in requests if node == inode]
+        assert ranges[0][0] == 0 and all(count >= 4096 for _, count in ranges)
+        assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:], strict=False))
+        assert size - 4096 <= ranges[-1][0] + ranges[-1][1] <= size
+
+
+def test_nan_in_a_copied_base_tensor_is_refused(tmp_path, bases, experts):
+    """Base tensors copied file to file are still checked for NaN and Inf, in place in the source file."""
+    broken = tmp_path / "base"
+    shutil.copytree(bases["llama"], broken)
+    tensors = read_tensors(broken)
+    tensors["model.layers.1.self_attn.k_proj.weight"][2, 3] = float("inf")
+    for file in weight_files(broken):
+        file.unlink()
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "recipe.yaml", broken, experts, gate_mode="random")
+    with pytest.raises(MoemergeError, match=r"base model\.layers\.1\.self_attn\.k_proj\.weight: NaN or Inf"):
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

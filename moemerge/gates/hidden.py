@@ -23,20 +23,32 @@ SHRINKAGE = 0.5
 MAX_TOKENS = 256
 
 
+def _ridge_solve(rows: torch.Tensor, ridge: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(rowsᵀ rows + ridge·I)⁻¹ target for rows [n, hidden] and target [hidden, k], factoring whichever
+    Gram matrix is smaller: with fewer tokens than hidden units, the Woodbury identity turns the
+    [hidden, hidden] scatter and its Cholesky factor into [tokens, tokens] ones (both are positive
+    definite: a Cholesky solve costs half an LU solve)."""
+    count, hidden = rows.shape
+    if count >= hidden:
+        eye = torch.eye(hidden, device=rows.device, dtype=rows.dtype)
+        return torch.cholesky_solve(target, torch.linalg.cholesky(rows.T @ rows + ridge * eye))
+    eye = torch.eye(count, device=rows.device, dtype=rows.dtype)
+    inner = torch.cholesky_solve(rows @ target, torch.linalg.cholesky(rows @ rows.T + ridge * eye))
+    return (target - rows.T @ inner) / ridge
+
+
 def _discriminant(features: torch.Tensor, labels: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """One layer: positive prompts' token features [tokens, hidden] and their experts [tokens], and each
-    expert's target mean [experts, hidden] → Σ_shrunk⁻¹ (means − their mean), [experts, hidden]."""
+    expert's target mean [experts, hidden] → Σ_shrunk⁻¹ (means − their mean), [experts, hidden], where
+    Σ_shrunk = (1 − SHRINKAGE)·Σ + SHRINKAGE·(trace(Σ)/hidden)·I and Σ = residualᵀ residual / tokens."""
     class_means = torch.stack([features[labels == e].mean(dim=0) for e in range(means.shape[0])])
     residual = features - class_means[labels]
-    scatter = residual.T @ residual / max(1, len(features))
-    hidden = scatter.shape[0]
-    scale = torch.trace(scatter) / hidden
+    count = max(1, len(features))
+    scale = residual.square().sum() / (count * residual.shape[1])  # trace(Σ) / hidden
     if scale <= 0:  # one token per expert: no spread to learn from, fall back to the plain difference
         return means - means.mean(dim=0)
-    eye = torch.eye(hidden, device=scatter.device, dtype=scatter.dtype)
-    shrunk = (1 - SHRINKAGE) * scatter + SHRINKAGE * scale * eye
-    # shrunk is symmetric positive definite: a Cholesky solve costs half an LU solve
-    return torch.cholesky_solve((means - means.mean(dim=0)).T, torch.linalg.cholesky(shrunk)).T
+    rows = residual * ((1 - SHRINKAGE) / count) ** 0.5
+    return _ridge_solve(rows, SHRINKAGE * scale, (means - means.mean(dim=0)).T).T
 
 
 def hidden_prototypes(
