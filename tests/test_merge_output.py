@@ -35,7 +35,7 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
 
-from moemerge import writer
+from moemerge import filecopy
 from moemerge.errors import MoemergeError
 from moemerge.gates.random_gates import random_gates
 from moemerge.merge import MergeOptions, merge
@@ -585,18 +585,18 @@ def test_without_kernel_copy_the_bytes_are_the_same(random_recipe, random_merge,
     assert all(torch.equal(merged[n], reference[n]) for n in merged)
 
 
-@pytest.mark.skipif(writer._START_WRITEBACK is None, reason="no sync_file_range on this system")
+@pytest.mark.skipif(filecopy._START_WRITEBACK is None, reason="no sync_file_range on this system")
 def test_writeback_is_requested_in_steps_over_each_shard(random_recipe, tmp_path, monkeypatch):
     """Each shard asks the disk to write its bytes in consecutive ranges of at least a step, in order."""
     requests: list[tuple[int, int, int]] = []
-    start_writeback = writer._START_WRITEBACK
+    start_writeback = filecopy._START_WRITEBACK
 
     def record(fd: int, offset: int, count: int, flags: int) -> int:
         requests.append((os.fstat(fd).st_ino, offset, count))
         return start_writeback(fd, offset, count, flags)
 
-    monkeypatch.setattr(writer, "WRITEBACK_STEP", 4096)
-    monkeypatch.setattr(writer, "_START_WRITEBACK", record)
+    monkeypatch.setattr(filecopy, "WRITEBACK_STEP", 4096)
+    monkeypatch.setattr(filecopy, "_START_WRITEBACK", record)
     merge(random_recipe, tmp_path / "out", MergeOptions(device="cpu", seed=7, shard_size=20_000))
     shards = {file.stat().st_ino: file.stat().st_size for file in (tmp_path / "out").glob("*.safetensors")}
     assert {inode for inode, _, _ in requests} == set(shards)
