@@ -1,4 +1,4 @@
-"""moemerge: build a Mixtral mixture-of-experts model from a dense base and its fine-tunes."""
+"""moemerge: build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from a dense base and its fine-tunes."""
 
 from moemerge.errors import MoemergeError
 from moemerge.merge import MergeOptions, merge
