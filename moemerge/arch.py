@@ -15,21 +15,29 @@ from moemerge.sources import ModelSource
 
 @dataclass(frozen=True)
 class InputFamily:
-    """A dense family: what its attention holds beyond q/k/v/o weights, and the MoE format it becomes."""
+    """A dense family: what its attention holds beyond q/k/v/o weights, the MoE format it becomes, and
+    whether its `sliding_window` is in force (Qwen configs carry one that only `use_sliding_window` turns on)."""
 
     name: str
     attention_extras: tuple[str, ...]
     default_output: str
+    windowed: bool = False
+
+    def sliding_window(self, config: dict) -> int | None:
+        """The window every layer attends through, or None for full attention."""
+        window = config.get("sliding_window") if self.windowed else None
+        return window if window and window < config.get("max_position_embeddings", window + 1) else None
 
 
 FAMILIES = {
     "LlamaForCausalLM": InputFamily("llama", (), "mixtral"),
-    "MistralForCausalLM": InputFamily("mistral", (), "mixtral"),
+    "MistralForCausalLM": InputFamily("mistral", (), "mixtral", windowed=True),
     "Qwen2ForCausalLM": InputFamily("qwen2", ("q_proj.bias", "k_proj.bias", "v_proj.bias"), "qwen2_moe"),
     "Qwen3ForCausalLM": InputFamily("qwen3", ("q_norm.weight", "k_norm.weight"), "qwen3_moe"),
 }
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_GLOBAL_TENSORS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+EMBEDDINGS = "model.embed_tokens.weight"
+_GLOBAL_TENSORS = (EMBEDDINGS, "model.norm.weight", "lm_head.weight")
 # Config switches that add weights no output format holds.
 _REFUSED_FLAGS = {
     "attention_bias": "an o_proj bias (and q/k/v biases outside Qwen2), which no MoE format moemerge writes holds",
@@ -46,7 +54,6 @@ class DenseShape:
     num_layers: int
     hidden_size: int
     intermediate_size: int
-    vocab_size: int
 
 
 def mlp_tensor(layer: int, projection: str) -> str:
@@ -73,7 +80,6 @@ def dense_shape(source: ModelSource) -> DenseShape:
             int(config["num_hidden_layers"]),
             int(config["hidden_size"]),
             int(config["intermediate_size"]),
-            int(config["vocab_size"]),
         )
     except KeyError as exc:
         raise MoemergeError(f"{source.path / 'config.json'}: missing key {exc.args[0]}") from None

@@ -120,6 +120,13 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
     )
 
 
+def _shared_row(recipe: Recipe) -> str:
+    if not recipe.shared_experts:
+        return ""
+    source = _cell(recipe.shared_experts[0].source_model)
+    return f"\n| shared expert | {source}, in every layer, mixed half and half with the routed experts |"
+
+
 def model_card(
     recipe: Recipe,
     recipe_text: str,
@@ -180,7 +187,7 @@ from the base; each expert contributes its MLP; a router in every layer sends ea
 |---|---|
 | experts | {len(names)}, {recipe.experts_per_token} per token |
 | gate mode | `{recipe.gate_mode}`: {GATE_MODES.get(recipe.gate_mode, "")} |
-| layers | {stats["layers"]} |
+| layers | {stats["layers"]} |{_shared_row(recipe)}
 | parameters | {stats["total_params"]:,} total, {stats["active_params"]:,} active per token ({share:.0f}%) |{dtype}
 
 ## Experts
@@ -207,7 +214,7 @@ inputs = tokenizer("Write a Python function that reverses a string.", return_ten
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))
 ```
 
-It loads as `{stats["class_name"]}` (classic Hub layout), which vLLM and llama.cpp's converter also read.
+It loads as `{stats["class_name"]}`, in the tensor layout vLLM and llama.cpp's converter also read.
 
 ## Recipe
 

@@ -30,7 +30,7 @@ from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
 from moemerge.staging import check_output, staged_output
 from moemerge.verify import check_structure
 from moemerge.vocab import vocab_mismatch
-from moemerge.writer import write_json, write_shards
+from moemerge.writer import PlannedTensor, write_json, write_shards
 
 log = logging.getLogger("moemerge")
 RECIPE_COPY = "moemerge_recipe.yaml"
@@ -134,9 +134,7 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
     base = ModelSource(base_ref.model, "base_model", options.allow_pickle)
     shape = dense_shape(base)
     check_tensor_names(base, shape)
-    output = choose_format(
-        recipe.architecture, shape.family.name, shape.family.default_output, base.config, bool(recipe.shared_experts)
-    )
+    output = choose_format(recipe.architecture, shape.family, base.config, bool(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     experts = [
         _open_expert(i, spec, f"experts[{i}]", recipe_dir, opened, options, hub)
@@ -165,6 +163,21 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
     return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
 
 
+def _check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:
+    """The plan holds exactly the tensors the config implies, before any byte is written: a base that lacks
+    one its family should have (a bias, a q/k norm) is named now rather than found by the final check."""
+    planned = {tensor.name: tensor.shape for tensor in plan}
+    for name, shape in expected.items():
+        if name not in planned:
+            raise MoemergeError(f"base_model: tensor {name} is missing, and a {output} output needs it")
+        if planned[name] != shape:
+            raise MoemergeError(
+                f"base_model: tensor {name} is {list(planned[name])}, config.json implies {list(shape)}"
+            )
+    for name in planned.keys() - expected.keys():
+        raise MoemergeError(f"base_model: tensor {name} has no place in a {output} output")
+
+
 def merge(
     recipe_path: str | Path, out: str | Path, options: MergeOptions | None = None, progress: Progress | None = None
 ) -> MergeSummary:
@@ -186,8 +199,19 @@ def merge(
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
 
+    layout = MoeLayout(
+        shape.family.name,
+        len(experts),
+        recipe.experts_per_token,
+        inputs.shared is not None,
+        str(dtype).removeprefix("torch."),
+    )
+    config = inputs.output.config(base.config, layout)
+    if caveat := inputs.output.caveat(layout):
+        log.warning(f"{inputs.output.name}: {caveat}")
     gates: dict[str, torch.Tensor] = {}
     plan = build_plan(inputs.output, base, shape, experts, inputs.shared, dtype, lambda layer: gates["rows"][layer])
+    _check_plan(plan, inputs.output.expected_tensors(config), inputs.output.name)
     context = GateContext(
         base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
     )
@@ -201,14 +225,6 @@ def merge(
     with staged_output(out, options.force) as partial:
         advance = progress.task("writing shards", sum(t.nbytes for t in plan))
         index = write_shards(plan, partial, options.shard_size, advance)
-        layout = MoeLayout(
-            shape.family.name,
-            len(experts),
-            recipe.experts_per_token,
-            inputs.shared is not None,
-            str(dtype).removeprefix("torch."),
-        )
-        config = inputs.output.config(base.config, layout)
         write_json(partial / "config.json", config)
         _copy_side_files(base, partial)
         recipe_text = recipe_path.read_text(encoding="utf-8")

@@ -6,13 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from moemerge.arch import MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
+from moemerge.arch import EMBEDDINGS, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
 from moemerge.experts import Expert
 from moemerge.formats.format import OutputFormat
 from moemerge.sources import ModelSource
 from moemerge.writer import PlannedTensor
 
-EMBED = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
 
@@ -43,24 +42,28 @@ def _mlp(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: 
     )
 
 
-def _zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype, why: str) -> PlannedTensor:
-    return PlannedTensor(name, shape, dtype, lambda: torch.zeros(shape, dtype=dtype), why)
+def _filled(name: str, shape: tuple[int, ...], dtype: torch.dtype, value: float, why: str) -> PlannedTensor:
+    return PlannedTensor(name, shape, dtype, lambda: torch.full(shape, value, dtype=dtype), why)
 
 
 def _shared_expert(
     output: OutputFormat, shared: Expert | None, base: ModelSource, shape: DenseShape, layer: int, dtype: torch.dtype
 ) -> list[PlannedTensor]:
-    """The shared expert's MLP and its gate. The gate is zero: a constant weight of 0.5 (see formats.qwen2_moe).
+    """The shared expert's MLP and its gate, a tiny constant: a weight of about 0.5 (see formats.qwen2_moe).
     Without a shared expert the MLP is all zeros, so it adds nothing."""
     hidden = shape.hidden_size
-    planned = [_zeros(output.shared_gate_name(layer), (1, hidden), dtype, "shared expert gate")]
+    planned = [
+        _filled(output.shared_gate_name(layer), (1, hidden), dtype, output.shared_gate_fill, "shared expert gate")
+    ]
     for projection in MLP_PROJECTIONS:
         name = output.shared_expert_name(layer, projection)
         if shared is not None:
             planned.append(_mlp(shared, base, layer, projection, dtype, name))
         else:
             size = output.zero_shared_expert_size
-            planned.append(_zeros(name, (hidden, size) if projection == "down_proj" else (size, hidden), dtype, name))
+            planned.append(
+                _filled(name, (hidden, size) if projection == "down_proj" else (size, hidden), dtype, 0.0, name)
+            )
     return planned
 
 
@@ -81,9 +84,13 @@ def build_plan(
     by_layer: dict[int, list[str]] = {}
     for name in copied:
         by_layer.setdefault(_layer_of(name), []).append(name)
-    plan = [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name == EMBED]
+    plan = [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name == EMBEDDINGS]
     for layer in range(shape.num_layers):
         plan += [_copy(base, name, dtype) for name in by_layer.get(layer, [])]
+        for projection in output.zero_biases(shape.family):
+            rows = base.tensors.shape(f"model.layers.{layer}.self_attn.{projection}.weight")[0]
+            bias = f"model.layers.{layer}.self_attn.{projection}.bias"
+            plan.append(_filled(bias, (rows,), dtype, 0.0, f"zero {projection} bias"))
         plan.append(
             PlannedTensor(
                 output.gate_name(layer),
@@ -100,7 +107,7 @@ def build_plan(
             ]
         if output.holds_shared_expert:
             plan += _shared_expert(output, shared, base, shape, layer, dtype)
-    plan += [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name != EMBED]
+    plan += [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
     if LM_HEAD not in copied:
-        plan.append(_copy(base, EMBED, dtype, out_name=LM_HEAD))
+        plan.append(_copy(base, EMBEDDINGS, dtype, out_name=LM_HEAD))
     return plan

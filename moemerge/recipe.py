@@ -104,7 +104,7 @@ class Recipe(BaseModel):
     @field_validator("shared_experts", mode="before")
     @classmethod
     def _shared_as_list(cls, value: Any) -> Any:
-        return _as_list(value)
+        return [] if value is None else value
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -64,10 +64,14 @@ def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str)
         real = torch.ones_like(real)
     batch = batch.to(model.device)
     with torch.inference_mode():
-        out = model(**batch, labels=batch["input_ids"], output_router_logits=True, use_cache=False)
+        out = model(**batch, output_router_logits=True, use_cache=False)
     logits = torch.stack([layer.float().cpu() for layer in out.router_logits])[:, real]
-    predicted = batch["input_ids"].shape[1] - 1
-    loss = float(out.loss) if predicted > 0 else float("nan")
+    ids = batch["input_ids"][0]
+    predicted = len(ids) - 1
+    # From the logits, not `labels=`: with router logits on, the model's loss also holds the auxiliary
+    # load-balancing term, which is not the text's likelihood.
+    next_token = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[1:])
+    loss = float(next_token) if predicted > 0 else float("nan")
     return Routing(logits, model.config.num_experts_per_tok, loss, predicted)
 
 

@@ -71,7 +71,7 @@ def check_values(tensors: dict[str, TensorInfo]) -> None:
 
 
 def check_loads(out: Path) -> None:
-    """transformers loads it as a Mixtral and runs a forward pass with finite logits."""
+    """transformers loads it as its format's class (MixtralForCausalLM, ...) and gives finite logits."""
     want = format_of_config(_read_json(out / "config.json"), str(out / "config.json")).class_name
     model = load_model(out)
     if type(model).__name__ != want:

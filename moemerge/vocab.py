@@ -8,13 +8,15 @@ vocabulary, warns, and lists the left-out tokens in moemerge.json. Nothing is ev
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from moemerge.arch import EMBEDDINGS
 from moemerge.errors import MoemergeError
 from moemerge.sources import ModelSource
 
-EMBEDDINGS = "model.embed_tokens.weight"
 _SHOWN = 5
+log = logging.getLogger("moemerge")
 
 
 def _tokens_by_id(folder: Path) -> dict[int, str]:
@@ -47,22 +49,21 @@ def _rows(model: ModelSource) -> int:
 
 
 def vocab_mismatch(base: ModelSource, expert: ModelSource, label: str, allow: bool) -> list[str]:
-    """The tokens the expert has and the base lacks ([] when the tables match); raises unless `allow`."""
+    """The tokens the expert has and the base lacks ([] when there are none); raises unless `allow`.
+
+    Fewer rows than the base only warns: the expert never saw those ids, which is harmless for its MLP and
+    common when a padded vocabulary (Qwen's, say) was trimmed to the tokenizer's size."""
     want, got = _rows(base), _rows(expert)
-    if want == got:
+    if got < want:
+        log.warning(f"{label}: {got} embedding rows, the base's {want}; ids {got}..{want - 1} were never seen by it")
+    if got <= want:
         return []
+    extra = range(want, got)
     names = _tokens_by_id(expert.path)
-    if got > want:
-        extra = range(want, got)
-        what = f"adds {len(extra)} token(s) the base lacks: {_describe(extra, names)}"
-        dropped = [names.get(i, f"id {i}") for i in extra]
-    else:
-        what = f"lacks {want - got} token(s) the base has (ids {got}..{want - 1})"
-        dropped = []
     if not allow:
         raise MoemergeError(
-            f"{label}: its vocabulary has {got} embedding rows, the base's {want}; it {what}. Use experts "
-            "fine-tuned with the base's tokenizer, or pass --allow-vocab-mismatch to build with the base's "
-            "vocabulary (the MoE then cannot produce the expert's added tokens)"
+            f"{label}: its vocabulary has {got} embedding rows, the base's {want}; it adds {len(extra)} token(s) "
+            f"the base lacks: {_describe(extra, names)}. Use experts fine-tuned with the base's tokenizer, or pass "
+            "--allow-vocab-mismatch to build with the base's vocabulary (the MoE then cannot produce them)"
         )
-    return dropped
+    return [names.get(i, f"id {i}") for i in extra]

@@ -7,10 +7,12 @@ give the base's logits, whatever the format. Pairs that cannot work are refused 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import input_ids, load_model, logits_of, make_base, make_expert, read_tensors, write_recipe
 from transformers import AutoModelForCausalLM
 
@@ -87,13 +89,27 @@ def test_llama3_rope_is_written_in_the_classic_keys(tmp_path, bases):
     assert "rope_parameters" not in config
 
 
-def test_qwen2_shared_expert_of_base_gives_base_logits(tmp_path, bases):
-    """Routed experts and the shared expert are mixed half and half, so base everywhere is the base."""
+def test_qwen2_shared_expert_of_base_mixes_half_and_half(tmp_path, bases):
+    """Routed experts (down projections halved) plus the shared expert under a gate of sigmoid(2**-14 · Σh):
+    with the base everywhere, each layer's MLP output is the base's times (0.5 + that gate)."""
     base = bases["qwen2"]
     out = merged(tmp_path, base, [base, base], shared_experts=[{"source_model": str(base)}], gate_mode="random")
     config = json.loads((out / "config.json").read_text())
     assert config["shared_expert_intermediate_size"] == config["moe_intermediate_size"] == 48
-    assert_base_logits(out, base, "Qwen2MoeForCausalLM")
+    assert "| shared expert |" in (out / "README.md").read_text()
+    moe = load_model(out)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    dense = load_model(base)
+
+    def mixed(_module, inputs, output):
+        gate = torch.sigmoid(inputs[0].sum(dim=-1, keepdim=True) * 2.0**-14)
+        return output * (0.5 + gate)
+
+    for layer in dense.model.layers:
+        layer.mlp.register_forward_hook(mixed)
+    ids = input_ids()
+    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
+    assert diff <= 1e-4, f"max abs logit diff {diff}"
 
 
 def test_qwen2_distinct_experts_biases_and_shared_expert(tmp_path, bases):
@@ -118,21 +134,59 @@ def test_qwen2_distinct_experts_biases_and_shared_expert(tmp_path, bases):
                 written[f"model.layers.{layer}.mlp.shared_expert.{projection}.weight"],
                 shared_source[f"model.layers.{layer}.mlp.{projection}.weight"],
             )
-        assert torch.equal(written[f"model.layers.{layer}.mlp.shared_expert_gate.weight"], torch.zeros(1, 32))
+        assert torch.equal(
+            written[f"model.layers.{layer}.mlp.shared_expert_gate.weight"], torch.full((1, 32), 2.0**-14)
+        )
     assert torch.equal(written["lm_head.weight"], dense["model.embed_tokens.weight"])  # tied base, explicit head
 
 
-def test_qwen2_without_shared_expert_writes_a_zero_one(tmp_path, bases):
-    """A zero shared expert adds nothing; the identical-experts test above shows the logits are the base's."""
-    base = bases["qwen2"]
-    out = merged(tmp_path, base, [base, make_expert(base, tmp_path / "e", seed=4)], gate_mode="random")
+def test_qwen2_without_shared_expert_writes_a_zero_one(tmp_path):
+    """A zero shared expert adds nothing; a hidden size of 40 tells its [32, 40] matrices from their transposes."""
+    base = make_base(tmp_path / "wide", "qwen2", hidden_size=40, num_attention_heads=5, num_key_value_heads=1)
+    out = merged(tmp_path, base, [base, base], gate_mode="random")
     config = json.loads((out / "config.json").read_text())
     assert config["shared_expert_intermediate_size"] == 32 and config["qkv_bias"] is True
     written = read_tensors(out)
     for layer in range(3):
-        for projection in ("gate_proj", "up_proj", "down_proj"):
-            weight = written[f"model.layers.{layer}.mlp.shared_expert.{projection}.weight"]
-            assert weight.numel() == 32 * 32 and not weight.any()
+        shared = f"model.layers.{layer}.mlp.shared_expert"
+        assert written[f"{shared}.gate_proj.weight"].shape == written[f"{shared}.up_proj.weight"].shape == (32, 40)
+        assert written[f"{shared}.down_proj.weight"].shape == (40, 32)
+        assert not any(written[f"{shared}.{p}.weight"].any() for p in ("gate_proj", "up_proj", "down_proj"))
+    assert_base_logits(out, base, "Qwen2MoeForCausalLM")
+
+
+def test_llama_as_qwen2_moe_gets_zero_qkv_biases(tmp_path, bases):
+    """vLLM's Qwen2-MoE attention always has q/k/v biases: a Llama base gets zero ones, which change nothing."""
+    base = bases["llama"]
+    out = merged(tmp_path, base, [base, base], architecture="qwen2_moe", gate_mode="random")
+    assert json.loads((out / "config.json").read_text())["qkv_bias"] is True
+    written = read_tensors(out)
+    assert written["model.layers.2.self_attn.k_proj.bias"].shape == (16,)
+    assert not any(written[f"model.layers.{i}.self_attn.{p}_proj.bias"].any() for i in range(3) for p in "qkv")
+
+
+def test_hub_style_qwen2_config_with_an_unused_window_is_accepted(tmp_path, bases):
+    """Qwen2 configs on the Hub carry sliding_window with use_sliding_window false: no window is in force."""
+    base = tmp_path / "hub-qwen2"
+    shutil.copytree(bases["qwen2"], base)
+    config = json.loads((base / "config.json").read_text())
+    config.update(sliding_window=4096, use_sliding_window=False, max_window_layers=21, max_position_embeddings=131072)
+    (base / "config.json").write_text(json.dumps(config))
+    out = merged(tmp_path, base, [base, base], gate_mode="random")
+    assert json.loads((out / "config.json").read_text())["use_sliding_window"] is False
+
+
+def test_missing_q_norm_is_named_before_writing(tmp_path, bases):
+    base = tmp_path / "no-q-norm"
+    shutil.copytree(bases["qwen3"], base)
+    tensors = read_tensors(base)
+    del tensors["model.layers.1.self_attn.q_norm.weight"]
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        MoemergeError, match=r"base_model: tensor model\.layers\.1\.self_attn\.q_norm\.weight is missing"
+    ):
+        merged(tmp_path, base, [base, base], gate_mode="random")
+    assert not (tmp_path / "out").exists()
 
 
 def test_qwen3_keeps_q_and_k_norms(tmp_path, bases):
@@ -164,7 +218,14 @@ REFUSED = [
     ("qwen3", "qwen2_moe", {}, "architecture: a qwen3 base cannot become qwen2_moe: Qwen3 attention normalises"),
     ("llama", "qwen3_moe", {}, "architecture: a llama base cannot become qwen3_moe: Qwen3-MoE normalises q and k"),
     ("qwen2", "qwen3_moe", {}, "a Qwen2 base has no q_norm/k_norm weights"),
-    ("qwen3", None, {"shared_experts": [{"source_model": "x"}]}, "base_model: a qwen3 base cannot become qwen2_moe"),
+    (
+        "qwen3",
+        None,
+        {"shared_experts": [{"source_model": "x"}]},
+        "shared_experts: only qwen2_moe holds a shared expert, and a qwen3 base cannot become qwen2_moe: Qwen3 "
+        "attention normalises q and k (q_norm/k_norm), which Qwen2-MoE lacks; remove shared_experts",
+    ),
+    ("llama3", "qwen2_moe", {}, "rope_type llama3 is lost when llama.cpp converts Qwen2-MoE; use architecture: mix"),
     ("llama", "mixtral", {"shared_experts": [{"source_model": "x"}]}, "shared_experts: mixtral has no shared expert"),
 ]
 
@@ -178,6 +239,13 @@ def test_impossible_pairs_are_refused_with_a_reason(tmp_path, bases, family, arc
         merged(tmp_path, base, [base, base], **fields)
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_mistral_with_a_wide_head_dim_cannot_become_qwen2_moe(tmp_path):
+    """Mistral-Nemo-style attention (head_dim × heads ≠ hidden_size) only Mixtral and transformers 5 can size."""
+    base = make_base(tmp_path / "nemo", "mistral", head_dim=16)
+    with pytest.raises(MoemergeError, match=r"head_dim 16 × 4 heads is not hidden_size 32.*use architecture: mixtral"):
+        merged(tmp_path, base, [base, base], architecture="qwen2_moe")
 
 
 def test_windowed_mistral_cannot_become_qwen2_moe(tmp_path):
@@ -195,3 +263,15 @@ def test_sliding_window_qwen2_base_is_refused(tmp_path):
     base = make_base(tmp_path / "windowed", "qwen2", use_sliding_window=True, sliding_window=16)
     with pytest.raises(MoemergeError, match="base_model: use_sliding_window is true"):
         merged(tmp_path, base, [base, base])
+
+
+def test_route_loss_is_the_texts_likelihood_only(tmp_path, bases):
+    """Copies of the base give the base's next-token loss exactly: the router's auxiliary loss is not in it."""
+    base = bases["llama"]
+    out = merged(tmp_path, base, [base, base, base], gate_mode="random")
+    model, tokenizer, _ = load_moe(out, torch.device("cpu"))
+    routing = route(model, tokenizer, "hello world, how are you?")
+    ids = tokenizer("hello world, how are you?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        dense_loss = load_model(base)(ids, labels=ids).loss.item()
+    assert abs(routing.loss - dense_loss) < 1e-5 and routing.predicted_tokens == ids.shape[1] - 1

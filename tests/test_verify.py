@@ -92,3 +92,29 @@ def test_nan_in_expert_weights_refused_at_merge(tmp_path):
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.moemerge-partial-*"))
     assert torch.isinf(load_file(str(expert / "model.safetensors"))["model.layers.1.mlp.up_proj.weight"]).any()
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c.pop("num_local_experts"), "config.json: missing key num_local_experts"),
+        (lambda c: c.update(num_hidden_layers="3"), "config.json: a size is not a whole number"),
+        (lambda c: c.update(model_type="llama"), "config.json: model_type 'llama' is not an MoE format"),
+    ],
+    ids=["missing-key", "string-size", "dense"],
+)
+def test_broken_config_is_named_in_one_line(merged, tmp_path, edit, expected):
+    out = _copy(merged, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    edit(config)
+    (out / "config.json").write_text(json.dumps(config))
+    run = subprocess.run([CLI, "verify", str(out)], capture_output=True, text=True)
+    assert run.returncode == 1 and expected in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_config_that_is_not_an_object(merged, tmp_path):
+    out = _copy(merged, tmp_path)
+    (out / "config.json").write_text("[1, 2]")
+    with pytest.raises(MoemergeError, match="config.json: not a JSON object"):
+        verify(out)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from moemerge.arch import InputFamily
 from moemerge.errors import MoemergeError
 from moemerge.formats.format import OutputFormat
 from moemerge.formats.mixtral import Mixtral
 from moemerge.formats.qwen2_moe import Qwen2Moe
 from moemerge.formats.qwen3_moe import Qwen3Moe
 
+log = logging.getLogger("moemerge")
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
 # mergekit-moe's spellings of the same formats, so its recipes read unchanged.
 ALIASES = {"qwen": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -25,25 +28,43 @@ def canonical_name(name: str) -> str:
 
 
 def choose_format(
-    requested: str | None, family: str, default: str, base_config: dict[str, Any], shared_expert: bool
+    requested: str | None, family: InputFamily, base_config: dict[str, Any], shared_expert: bool
 ) -> OutputFormat:
     """The recipe's format if it can hold this base (and shared expert), else a one-line reason why not."""
-    name = requested or default
+    name = requested or family.default_output
     if requested is None and shared_expert and not FORMATS[name].holds_shared_expert:
-        name = "qwen2_moe"  # the one format with a shared expert; refused below if the base does not fit
+        name = "qwen2_moe"  # the one format with a shared expert
+        reason = FORMATS[name].refusal(family, base_config)
+        if reason:
+            raise MoemergeError(
+                f"shared_experts: only qwen2_moe holds a shared expert, and a {family.name} base cannot become "
+                f"qwen2_moe: {reason.split('; use architecture')[0]}; remove shared_experts"
+            )
+        log.info(
+            f"shared_experts: writing qwen2_moe, the format with a shared expert, instead of {family.default_output}"
+        )
     output = FORMATS[name]
-    key = "architecture" if requested else "base_model"
     reason = output.refusal(family, base_config)
     if reason:
-        raise MoemergeError(f"{key}: a {family} base cannot become {name}: {reason}")
+        key = "architecture" if requested else "base_model"
+        raise MoemergeError(f"{key}: a {family.name} base cannot become {name}: {reason}")
     if shared_expert and not output.holds_shared_expert:
         raise MoemergeError(f"shared_experts: {name} has no shared expert; use architecture: qwen2_moe or remove it")
     return output
 
 
-def format_of_config(config: dict[str, Any], where: str) -> OutputFormat:
-    """The format of an existing output, from its config.json's model_type."""
-    for output in FORMATS.values():
-        if output.model_type == config.get("model_type"):
-            return output
-    raise MoemergeError(f"{where}: model_type {config.get('model_type')!r} is not an MoE format moemerge writes")
+def format_of_config(config: Any, where: str) -> OutputFormat:
+    """The format of an existing output, from its config.json's model_type, checked to hold every size that
+    format's tensors need."""
+    if not isinstance(config, dict):
+        raise MoemergeError(f"{where}: not a JSON object")
+    output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
+    if output is None:
+        raise MoemergeError(f"{where}: model_type {config.get('model_type')!r} is not an MoE format moemerge writes")
+    try:
+        output.expected_tensors(config)
+    except KeyError as exc:
+        raise MoemergeError(f"{where}: missing key {exc.args[0]}") from None
+    except TypeError:
+        raise MoemergeError(f"{where}: a size is not a whole number") from None
+    return output

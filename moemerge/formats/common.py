@@ -55,7 +55,7 @@ def dense_config(base: dict[str, Any], layout: MoeLayout) -> dict[str, Any]:
     """
     return {
         **{key: base[key] for key in SHARED_CONFIG_KEYS if key in base},
-        "head_dim": base.get("head_dim") or base["hidden_size"] // base["num_attention_heads"],
+        "head_dim": attention_head_dim(base),
         "num_key_value_heads": base.get("num_key_value_heads", base["num_attention_heads"]),
         **rope_settings(base),
         "tie_word_embeddings": False,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
+from moemerge.arch import InputFamily
 from moemerge.formats.common import MoeLayout
 
 
@@ -19,11 +21,21 @@ class OutputFormat(ABC):
     expert_size_key: str  # the config key holding a routed expert's intermediate size
     holds_shared_expert: bool = False
     zero_shared_expert_size: int = 0  # the all-zero shared expert written when the recipe has none
-    refused_families: dict[str, str] = {}  # input family → why this format cannot hold it
+    shared_gate_fill: float = 0.0  # every entry of the shared-expert gate
+    refused_families: ClassVar[Mapping[str, str]] = {}  # input family → why this format cannot hold it
 
-    def refusal(self, family: str, base_config: dict[str, Any]) -> str | None:
+    def refusal(self, family: InputFamily, base_config: dict[str, Any]) -> str | None:
         """Why a base of `family` with this config cannot become this format; None when it can."""
-        return self.refused_families.get(family)
+        return self.refused_families.get(family.name)
+
+    def zero_biases(self, family: InputFamily) -> tuple[str, ...]:
+        """Attention projections whose bias this format's readers expect and the family lacks: written as
+        zeros, which compute what the base computes."""
+        return ()
+
+    def caveat(self, layout: MoeLayout) -> str | None:
+        """What a consumer of this format does differently from transformers, worth a warning at merge time."""
+        return None
 
     @abstractmethod
     def gate_name(self, layer: int) -> str: ...
