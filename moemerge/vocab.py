@@ -35,9 +35,21 @@ def _tokens_by_id(folder: Path) -> dict[int, str]:
     return tokens
 
 
-def _describe(ids: range, names: dict[int, str]) -> str:
-    shown = [repr(names[i]) if i in names else f"id {i}" for i in list(ids)[:_SHOWN]]
-    more = f" and {len(ids) - _SHOWN} more" if len(ids) > _SHOWN else ""
+def _vocabulary(folder: Path) -> set[str] | None:
+    """Every token string the folder's tokenizer.json knows (model vocabulary and added tokens); None without
+    a readable one."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab") or {}
+        pieces = set(vocab) if isinstance(vocab, dict) else {str(entry[0]) for entry in vocab}  # Unigram: pairs
+        return pieces | {str(entry["content"]) for entry in data.get("added_tokens", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _describe(tokens: list[str]) -> str:
+    shown = [token if token.startswith("id ") else repr(token) for token in tokens[:_SHOWN]]
+    more = f" and {len(tokens) - _SHOWN} more" if len(tokens) > _SHOWN else ""
     return ", ".join(shown) + more
 
 
@@ -51,19 +63,23 @@ def _rows(model: ModelSource) -> int:
 def vocab_mismatch(base: ModelSource, expert: ModelSource, label: str, allow: bool) -> list[str]:
     """The tokens the expert has and the base lacks ([] when there are none); raises unless `allow`.
 
-    Fewer rows than the base only warns: the expert never saw those ids, which is harmless for its MLP and
-    common when a padded vocabulary (Qwen's, say) was trimmed to the tokenizer's size."""
+    Two ways to have them: embedding rows beyond the base's, or added tokens the base's tokenizer does not
+    know, placed inside rows both have (a padded vocabulary, as Qwen's). Fewer rows than the base only warn:
+    the expert never saw those ids, which is harmless for its MLP and common when a padded vocabulary was
+    trimmed to the tokenizer's size."""
     want, got = _rows(base), _rows(expert)
     if got < want:
         log.warning(f"{label}: {got} embedding rows, the base's {want}; ids {got}..{want - 1} were never seen by it")
-    if got <= want:
-        return []
-    extra = range(want, got)
     names = _tokens_by_id(expert.path)
-    if not allow:
-        raise MoemergeError(
-            f"{label}: its vocabulary has {got} embedding rows, the base's {want}; it adds {len(extra)} token(s) "
-            f"the base lacks: {_describe(extra, names)}. Use experts fine-tuned with the base's tokenizer, or pass "
-            "--allow-vocab-mismatch to build with the base's vocabulary (the MoE then cannot produce them)"
-        )
-    return [names.get(i, f"id {i}") for i in extra]
+    added = [names.get(i, f"id {i}") for i in range(want, got)]
+    known = _vocabulary(base.path)
+    if known is not None:
+        added += [token for i, token in sorted(names.items()) if i < want and token not in known]
+    if not added or allow:
+        return added
+    rows = f"its vocabulary has {got} embedding rows, the base's {want}; " if got > want else ""
+    raise MoemergeError(
+        f"{label}: {rows}it adds {len(added)} token(s) the base lacks: {_describe(added)}. Use experts "
+        "fine-tuned with the base's tokenizer, or pass --allow-vocab-mismatch to build with the base's "
+        "vocabulary (the MoE then cannot produce them)"
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_base, make_expert, read_tensors, write_recipe
+from tiny_models import make_base, make_expert, read_tensors, tiny_tokenizer, write_recipe
 
 from moemerge.errors import MoemergeError
 from moemerge.merge import MergeOptions, merge
@@ -22,7 +22,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
     base = make_base(root / "base")
     grown = make_base(root / "grown", seed=1, vocab_size=66)  # two tokens added by a fine-tune
     (grown / "added_tokens.json").write_text(json.dumps({"<tool>": 64, "</tool>": 65}))
-    return {"base": base, "grown": grown, "shrunk": make_base(root / "shrunk", seed=2, vocab_size=62)}
+    padded = make_base(root / "padded", seed=3)  # same 64 rows: the tokenizer's 35 tokens leave room for more
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    tokenizer.save_pretrained(padded)
+    return {"base": base, "grown": grown, "shrunk": make_base(root / "shrunk", seed=2, vocab_size=62), "padded": padded}
 
 
 def test_added_tokens_are_named_and_the_way_out_given(tmp_path, models):
@@ -33,6 +37,15 @@ def test_added_tokens_are_named_and_the_way_out_given(tmp_path, models):
     assert message.startswith("experts[1]: its vocabulary has 66 embedding rows, the base's 64")
     assert "adds 2 token(s) the base lacks: '<tool>', '</tool>'" in message and "--allow-vocab-mismatch" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_tokens_added_inside_a_padded_vocabulary_are_found(tmp_path, models):
+    """Same number of embedding rows, but the expert's tokenizer has a token the base's does not know."""
+    recipe = write_recipe(tmp_path / "r.yaml", models["base"], [models["base"], models["padded"]], gate_mode="random")
+    with pytest.raises(MoemergeError, match=r"^experts\[1\]: it adds 1 token\(s\) the base lacks: '<tool>'\. Use"):
+        merge(recipe, tmp_path / "out")
+    merge(recipe, tmp_path / "out", MergeOptions(allow_vocab_mismatch=True))
+    assert json.loads((tmp_path / "out" / "moemerge.json").read_text())["dropped_tokens"] == {"experts[1]": ["<tool>"]}
 
 
 def test_fewer_rows_only_warn(tmp_path, models, caplog):
