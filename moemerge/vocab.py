@@ -7,6 +7,7 @@ vocabulary, warns, and lists the left-out tokens in moemerge.json. Nothing is ev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -35,14 +36,15 @@ def _tokens_by_id(folder: Path) -> dict[int, str]:
     return tokens
 
 
-def _vocabulary(folder: Path) -> set[str] | None:
+@functools.lru_cache(maxsize=4)  # the base's, read once for all its experts
+def _vocabulary(folder: Path) -> frozenset[str] | None:
     """Every token string the folder's tokenizer.json knows (model vocabulary and added tokens); None without
     a readable one."""
     try:
         data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         vocab = data.get("model", {}).get("vocab") or {}
         pieces = set(vocab) if isinstance(vocab, dict) else {str(entry[0]) for entry in vocab}  # Unigram: pairs
-        return pieces | {str(entry["content"]) for entry in data.get("added_tokens", [])}
+        return frozenset(pieces | {str(entry["content"]) for entry in data.get("added_tokens", [])})
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         return None
 
