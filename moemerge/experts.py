@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from moemerge.arch import MLP_PROJECTIONS, mlp_tensor
@@ -44,6 +46,15 @@ class Expert:
             for module in self.adapter.modules_beyond(num_layers):
                 raise MoemergeError(f"{self.label}: adapter adapts {module}, beyond the base's {num_layers} layers")
             self.adapter.check_shapes(self.model.tensors.shape)
+
+    def tokenizer_folder(self) -> Path:
+        """Where the tokenizer the expert was trained with lives: its adapter's folder when the adapter ships
+        one (fine-tunes that add tokens save it there), else its model's."""
+        if self.adapter and any(
+            (self.adapter.path / name).is_file() for name in ("tokenizer.json", "added_tokens.json")
+        ):
+            return self.adapter.path
+        return self.model.path
 
     def _noise_seed(self, layer: int, projection: int) -> int:
         # One seed per tensor, so the noise does not depend on the order tensors are written in.

@@ -151,12 +151,12 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
         if expert.model is not base:
             check_expert_shape(shape, dense_shape(expert.model), expert.label)
             check_tensor_names(expert.model, shape)
-            tokens = vocab_mismatch(base, expert.model, expert.label, options.allow_vocab_mismatch)
-            if tokens:
-                log.warning(
-                    f"{expert.label}: {len(tokens)} added token(s) left out; the MoE uses the base's vocabulary"
-                )
-                dropped[expert.label] = tokens
+        tokens = vocab_mismatch(
+            base, expert.model, expert.tokenizer_folder(), expert.label, options.allow_vocab_mismatch
+        )
+        if tokens:
+            log.warning(f"{expert.label}: {len(tokens)} added token(s) left out; the MoE uses the base's vocabulary")
+            dropped[expert.label] = tokens
         expert.check(base, shape.num_layers)
     for expert in experts:
         expert.down_scale = output.routed_scale(bool(shared))

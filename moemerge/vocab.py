@@ -62,17 +62,20 @@ def _rows(model: ModelSource) -> int:
     return int(model.config["vocab_size"])
 
 
-def vocab_mismatch(base: ModelSource, expert: ModelSource, label: str, allow: bool) -> list[str]:
+def vocab_mismatch(base: ModelSource, expert: ModelSource, tokenizer: Path, label: str, allow: bool) -> list[str]:
     """The tokens the expert has and the base lacks ([] when there are none); raises unless `allow`.
 
     Two ways to have them: embedding rows beyond the base's, or added tokens the base's tokenizer does not
     know, placed inside rows both have (a padded vocabulary, as Qwen's). Fewer rows than the base only warn:
     the expert never saw those ids, which is harmless for its MLP and common when a padded vocabulary was
-    trimmed to the tokenizer's size."""
+    trimmed to the tokenizer's size. `tokenizer` is the folder whose tokenizer the expert was trained with:
+    its model's, or its adapter's when the adapter ships one."""
+    if expert is base and tokenizer == base.path:
+        return []
     want, got = _rows(base), _rows(expert)
     if got < want:
         log.warning(f"{label}: {got} embedding rows, the base's {want}; ids {got}..{want - 1} were never seen by it")
-    names = _tokens_by_id(expert.path)
+    names = _tokens_by_id(tokenizer)
     added = [names.get(i, f"id {i}") for i in range(want, got)]
     known = _vocabulary(base.path)
     if known is not None:

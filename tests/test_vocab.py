@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_base, make_expert, read_tensors, tiny_tokenizer, write_recipe
+from tiny_models import make_base, make_expert, make_lora, read_tensors, tiny_tokenizer, write_recipe
 
 from moemerge.errors import MoemergeError
 from moemerge.merge import MergeOptions, merge
@@ -46,6 +46,18 @@ def test_tokens_added_inside_a_padded_vocabulary_are_found(tmp_path, models):
         merge(recipe, tmp_path / "out")
     merge(recipe, tmp_path / "out", MergeOptions(allow_vocab_mismatch=True))
     assert json.loads((tmp_path / "out" / "moemerge.json").read_text())["dropped_tokens"] == {"experts[1]": ["<tool>"]}
+
+
+def test_adapter_that_ships_a_tokenizer_with_added_tokens(tmp_path, models):
+    """LoRA fine-tunes that add tokens save their tokenizer beside the adapter: it is checked like a model's."""
+    adapter = tmp_path / "adapter"
+    make_lora(models["base"], adapter, seed=1)
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.save_pretrained(adapter)
+    recipe = write_recipe(tmp_path / "r.yaml", models["base"], [models["base"], adapter], gate_mode="random")
+    with pytest.raises(MoemergeError, match=r"^experts\[1\]: it adds 1 token\(s\) the base lacks: '<\|im_start\|>'"):
+        merge(recipe, tmp_path / "out")
 
 
 def test_fewer_rows_only_warn(tmp_path, models, caplog):
