@@ -7,6 +7,7 @@ give the base's logits, whatever the format. Pairs that cannot work are refused 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -275,3 +276,13 @@ def test_route_loss_is_the_texts_likelihood_only(tmp_path, bases):
     with torch.no_grad():
         dense_loss = load_model(base)(ids, labels=ids).loss.item()
     assert abs(routing.loss - dense_loss) < 1e-5 and routing.predicted_tokens == ids.shape[1] - 1
+
+
+def test_shared_expert_without_architecture_picks_qwen2_moe(tmp_path, bases, caplog):
+    """A Llama recipe with shared_experts (as mergekit's qwen recipes are written) becomes Qwen2-MoE, said so."""
+    base = bases["llama"]
+    with caplog.at_level(logging.INFO, logger="moemerge"):
+        out = merged(tmp_path, base, [base, base], shared_experts=[{"source_model": str(base)}], gate_mode="random")
+    assert "writing qwen2_moe, the format with a shared expert, instead of mixtral" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == 48
