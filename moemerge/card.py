@@ -120,6 +120,10 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
     )
 
 
+def _caveat(stats: dict[str, Any]) -> str:
+    return f" Note: {stats['caveat']}." if stats.get("caveat") else ""
+
+
 def _shared_row(recipe: Recipe) -> str:
     if not recipe.shared_experts:
         return ""
@@ -139,7 +143,7 @@ def model_card(
     """Markdown with a YAML header.
 
     `stats` holds `name` (the output folder's name), `model_type`, `class_name`, `layers`, `total_params`,
-    `active_params` and optionally
+    `active_params` and optionally `caveat` (what a consumer does differently, see OutputFormat.caveat),
     `dtype`; `sources` is moemerge.json's record of what each recipe key resolved to; `training` is
     gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known.
     """
@@ -214,7 +218,7 @@ inputs = tokenizer("Write a Python function that reverses a string.", return_ten
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))
 ```
 
-It loads as `{stats["class_name"]}`, in the tensor layout vLLM and llama.cpp's converter also read.
+It loads as `{stats["class_name"]}`, in the tensor layout vLLM and llama.cpp's converter also read.{_caveat(stats)}
 
 ## Recipe
 

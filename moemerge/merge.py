@@ -245,7 +245,7 @@ def merge(
         if result.report is not None:
             write_json(partial / TRAINING_REPORT, result.report.as_dict())
         stats = {"name": out.name, "layers": shape.num_layers, "total_params": total, "active_params": active}
-        stats |= {"model_type": inputs.output.model_type, "class_name": inputs.output.class_name}
+        stats |= {"model_type": inputs.output.model_type, "class_name": inputs.output.class_name, "caveat": caveat}
         stats["dtype"] = str(dtype).removeprefix("torch.")
         training = result.report.as_dict() if result.report is not None else None
         card = model_card(

@@ -209,6 +209,8 @@ def test_route_reads_qwen_outputs(tmp_path, bases, family):
     model, tokenizer, names = load_moe(out, torch.device("cpu"))
     routing = route(model, tokenizer, "abc abc")
     assert names == ["e1", "e2", "e3"]
+    card_warns = "llama.cpp does not renormalise Qwen2-MoE's top-k router weights" in (out / "README.md").read_text()
+    assert card_warns == (family == "qwen2")
     assert routing.logits.shape == (3, 7, 3) and torch.isfinite(routing.logits).all()
     assert torch.allclose(routing.shares().sum(), torch.tensor(2.0))
 
