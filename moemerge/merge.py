@@ -91,12 +91,13 @@ def _open_expert(
     spec: ExpertSpec,
     key: str,
     recipe_dir: Path,
+    base: ModelSource,
     opened: dict[Path, ModelSource],
     options: MergeOptions,
     hub: HubFetcher | None,
 ) -> Expert:
-    """An expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily."""
-    base = next(iter(opened.values()))
+    """An expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily;
+    `opened` holds the model folders opened so far, so each is opened once."""
     ref = resolve_reference(spec.source_model, f"{key}.source_model", recipe_dir, base.path, hub)
     model = opened.get(ref.model.resolve())
     if model is None:
@@ -137,15 +138,15 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
     output = choose_format(recipe.architecture, shape.family, base.config, bool(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     experts = [
-        _open_expert(i, spec, f"experts[{i}]", recipe_dir, opened, options, hub)
+        _open_expert(i, spec, f"experts[{i}]", recipe_dir, base, opened, options, hub)
         for i, spec in enumerate(recipe.experts)
     ]
     shared = [
-        _open_expert(len(experts) + i, spec, f"shared_experts[{i}]", recipe_dir, opened, options, hub)
+        _open_expert(len(experts) + i, spec, f"shared_experts[{i}]", recipe_dir, base, opened, options, hub)
         for i, spec in enumerate(recipe.shared_experts)
     ]
     if shared and any(spec.positive_prompts or spec.negative_prompts for spec in recipe.shared_experts):
-        log.warning("shared_experts[0]: prompts are not used; the shared expert's gate is a constant 0.5")
+        log.warning("shared_experts[0]: prompts are not used; the shared expert's gate is a constant of about 0.5")
     dropped: dict[str, list[str]] = {}
     for expert in experts + shared:
         if expert.model is not base:

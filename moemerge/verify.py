@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.formats import format_of_config
+from moemerge.formats import config_tensors, format_of_config
 from moemerge.hf import load_model
 from moemerge.safetensors_header import TensorInfo, read_header
 from moemerge.sources import TensorStore
@@ -45,7 +45,7 @@ def check_structure(out: Path) -> dict[str, TensorInfo]:
     unlisted = sorted(p.name for p in out.glob("*.safetensors") if p.name not in set(weight_map.values()))
     if unlisted:
         raise MoemergeError(f"{out / unlisted[0]}: shard not listed in {INDEX_NAME}")
-    expected = format_of_config(config, str(out / "config.json")).expected_tensors(config)
+    expected = config_tensors(config, str(out / "config.json"))[1]
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

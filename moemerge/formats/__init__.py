@@ -32,39 +32,44 @@ def choose_format(
 ) -> OutputFormat:
     """The recipe's format if it can hold this base (and shared expert), else a one-line reason why not."""
     name = requested or family.default_output
-    if requested is None and shared_expert and not FORMATS[name].holds_shared_expert:
+    switched = requested is None and shared_expert and not FORMATS[name].holds_shared_expert
+    if switched:
         name = "qwen2_moe"  # the one format with a shared expert
-        reason = FORMATS[name].refusal(family, base_config)
-        if reason:
-            raise MoemergeError(
-                f"shared_experts: only qwen2_moe holds a shared expert, and a {family.name} base cannot become "
-                f"qwen2_moe: {reason.split('; use architecture')[0]}; remove shared_experts"
-            )
-        log.info(
-            f"shared_experts: writing qwen2_moe, the format with a shared expert, instead of {family.default_output}"
-        )
     output = FORMATS[name]
     reason = output.refusal(family, base_config)
+    if reason and switched:  # the format was not the user's choice, so its advice would go in a circle
+        raise MoemergeError(
+            f"shared_experts: only qwen2_moe holds a shared expert, and a {family.name} base cannot become "
+            f"qwen2_moe: {reason.split('; use architecture')[0]}; remove shared_experts"
+        )
     if reason:
         key = "architecture" if requested else "base_model"
         raise MoemergeError(f"{key}: a {family.name} base cannot become {name}: {reason}")
+    if switched:
+        log.info(
+            f"shared_experts: writing qwen2_moe, the format with a shared expert, instead of {family.default_output}"
+        )
     if shared_expert and not output.holds_shared_expert:
         raise MoemergeError(f"shared_experts: {name} has no shared expert; use architecture: qwen2_moe or remove it")
     return output
 
 
-def format_of_config(config: Any, where: str) -> OutputFormat:
-    """The format of an existing output, from its config.json's model_type, checked to hold every size that
-    format's tensors need."""
+def config_tensors(config: Any, where: str) -> tuple[OutputFormat, dict[str, tuple[int, ...]]]:
+    """The format of an existing output, from its config.json's model_type, and every tensor it implies;
+    a config that lacks a size, or holds one that is not a number, is named in one line."""
     if not isinstance(config, dict):
         raise MoemergeError(f"{where}: not a JSON object")
     output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
     if output is None:
         raise MoemergeError(f"{where}: model_type {config.get('model_type')!r} is not an MoE format moemerge writes")
     try:
-        output.expected_tensors(config)
+        return output, output.expected_tensors(config)
     except KeyError as exc:
         raise MoemergeError(f"{where}: missing key {exc.args[0]}") from None
     except TypeError:
         raise MoemergeError(f"{where}: a size is not a whole number") from None
-    return output
+
+
+def format_of_config(config: Any, where: str) -> OutputFormat:
+    """The format of an existing output, checked as config_tensors does."""
+    return config_tensors(config, where)[0]
