@@ -109,7 +109,10 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
             )
         if expert_accuracy:
             lines += ["", "| expert | held-out accuracy |", "|---|---|"]
-            lines += [f"| {_cell(n)} | {a:.3f} |" for n, a in zip(names, expert_accuracy, strict=False)]
+            lines += [
+                f"| {_cell(n)} | {'—' if a is None else f'{a:.3f}'} |"  # None: no held-out rows
+                for n, a in zip(names, expert_accuracy, strict=False)
+            ]
         return "\n".join(lines)
     return (
         f"The routers were {GATE_MODES.get(recipe.gate_mode, recipe.gate_mode)}; their accuracy has not been "

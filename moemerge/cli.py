@@ -24,7 +24,9 @@ from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.evaluate import evaluate
 from moemerge.hub import check_push_target, push
-from moemerge.merge import MergeOptions, MergeSummary, merge
+from moemerge.interrupt import EXIT_CODE, STOPPED, interrupted
+from moemerge.interrupt import install as install_interrupt
+from moemerge.merge import MergeSummary, merge, options_from
 from moemerge.prompts import read_dataset_csv, read_prompt_file
 from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
 from moemerge.verify import verify
@@ -89,7 +91,7 @@ def merge_command(
         check_push_target(push_to_hub, revision, create_pr)
     elif private or revision or create_pr:
         raise MoemergeError("--private, --revision and --create-pr go with --push-to-hub org/name")
-    options = MergeOptions(
+    options = options_from(
         device=device,
         dtype=dtype,
         seed=seed,
@@ -236,8 +238,12 @@ def chat_command(
     out: Annotated[Path, typer.Argument(help="A merged output folder.")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     system: Annotated[str | None, typer.Option(help="A system message to start with.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 is greedy (default: the model's, else 1).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Longest answer (default: the rest of the context).")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(min=0, max=100, help="0 is greedy (default: the model's, else 1).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Longest answer (default: the rest of the context).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
 ) -> None:
     """Chat with OUT in the terminal; after each answer, a bar of the experts' shares."""
@@ -254,7 +260,7 @@ def parse_size(text: str) -> int:
     unit = cleaned[len(number) :]
     try:
         value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf
         raise MoemergeError(f"--shard-size {text!r}: use a size such as 5GB or 500MB") from None
     if value <= 0:
         raise MoemergeError(f"--shard-size {text!r}: must be positive")
@@ -274,35 +280,48 @@ def _with_default_verb(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    install_interrupt()  # first: a Ctrl-C from here on ends in one line and exit 130
     logging.basicConfig(
         level=logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=err, show_time=False, show_path=False)],
     )
-    argv = _with_default_verb(sys.argv[1:])
     try:
-        code = app(args=argv, prog_name="moemerge", standalone_mode=False)
+        code = _run(_with_default_verb(sys.argv[1:]))
+    except KeyboardInterrupt:
+        code = EXIT_CODE
+    if code == EXIT_CODE or interrupted():  # typer turns Ctrl-C into 130; one swallowed elsewhere sets the flag
+        err.print(STOPPED, style="red", highlight=False)
+        sys.exit(EXIT_CODE)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _run(argv: list[str]) -> int | None:
+    """Run the command; any error is printed as one line (unless --debug) and becomes the exit status."""
+    try:
+        return app(args=argv, prog_name="moemerge", standalone_mode=False)
     except MoemergeError as exc:
         if DEBUG["on"]:
             raise
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(1)
+        return _fail(f"[red]error:[/red] {exc}", 1)
     except OSError as exc:  # disk full, permissions, a vanished mount: the OS's words, on one line
         if DEBUG["on"]:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        err.print(f"[red]error:[/red] {where}{exc.strerror or exc}", soft_wrap=True, highlight=False)
-        sys.exit(1)
+        return _fail(f"[red]error:[/red] {where}{exc.strerror or exc}", 1)
     except ClickException as exc:  # usage errors: a missing argument, a bad option value
-        err.print(f"[red]error:[/red] {exc.format_message()}", soft_wrap=True, highlight=False)
-        sys.exit(exc.exit_code)
+        return _fail(f"[red]error:[/red] {exc.format_message()}", exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if DEBUG["on"]:
             raise
         message = " ".join(f"{exc.__class__.__name__}: {exc}".split())
-        err.print(f"[red]internal error:[/red] {message} (rerun with --debug for details)", soft_wrap=True)
-        sys.exit(2)
-    if code == 130:  # typer turns Ctrl-C into exit code 130
-        err.print("[red]interrupted[/red]: an unfinished merge leaves no output folder")
-    if isinstance(code, int) and code:
-        sys.exit(code)
+        return _fail(f"[red]internal error:[/red] {message} (rerun with --debug for details)", 2)
+
+
+def _fail(line: str, code: int) -> int:
+    """Print the error line, unless a Ctrl-C caused the error: then the interruption is the one line."""
+    if interrupted():
+        return EXIT_CODE
+    err.print(line, soft_wrap=True, highlight=False)
+    return code

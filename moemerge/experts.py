@@ -74,13 +74,15 @@ class Expert:
             return None
         return self.model.tensors.byte_range(mlp_tensor(layer, projection), dtype)
 
-    def tensor(self, layer: int, projection: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, layer: int, projection: str) -> torch.Tensor:
+        """The expert's weight, in its source dtype or float32 once changed: the writer casts it to the
+        output dtype, and so can tell an overflow in that cast from non-finite source values."""
         name = mlp_tensor(layer, projection)
         weight = self.model.tensors.load(name)
         delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
         noise, residual = self.spec.noise_scale, self._residual(projection)
         if delta is None and not noise and residual == 1.0:
-            return weight.to(dtype)
+            return weight
         work = weight.float()
         if delta is not None:
             work += delta
@@ -89,4 +91,4 @@ class Expert:
             work += torch.randn(work.shape, generator=generator) * noise
         if residual != 1.0:
             work *= residual
-        return work.to(dtype)
+        return work

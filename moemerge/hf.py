@@ -29,7 +29,14 @@ def load_model(path: Path, dtype: torch.dtype | str = "auto", device_map: str | 
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; a missing or corrupt one is one line (transformers raises many kinds)."""
     from transformers import AutoTokenizer
 
+    from moemerge.errors import MoemergeError
+
     _quiet()
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, the tokenizers library's own exceptions
+        reason = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+        raise MoemergeError(f"{path}: its tokenizer cannot be loaded ({reason}); the gates need it") from None

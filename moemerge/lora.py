@@ -12,6 +12,7 @@ import torch
 
 from moemerge.arch import MLP_PROJECTIONS
 from moemerge.errors import MoemergeError
+from moemerge.model_files import LoraConfig, typed
 from moemerge.sources import TensorStore
 
 _KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
@@ -33,13 +34,14 @@ class LoraAdapter:
         self.label = label
         config_file = path / "adapter_config.json"
         try:
-            self.config: dict = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise MoemergeError(f"{config_file}: unreadable adapter config ({exc.__class__.__name__})") from None
-        peft_type = self.config.get("peft_type", "LORA")
-        if peft_type != "LORA":
+        self.config = typed(LoraConfig, raw, config_file)
+        if self.config.peft_type != "LORA":
+            peft_type = self.config.peft_type
             raise MoemergeError(f"{config_file}: peft_type {peft_type} is not supported; only LoRA adapters are")
-        if self.config.get("use_dora"):
+        if self.config.use_dora:
             raise MoemergeError(f"{config_file}: DoRA adapters are not supported; merge them with PEFT first")
         self.weights = _adapter_weights(path, label, allow_pickle)
         self._pairs = self._read_pairs()
@@ -66,9 +68,9 @@ class LoraAdapter:
 
     def scale(self, module: str) -> float:
         """alpha/r, or alpha/sqrt(r) for rsLoRA, with per-module rank and alpha patterns."""
-        rank = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
-        return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        rank = _pattern_value(self.config.rank_pattern, module, self.config.r)
+        alpha = _pattern_value(self.config.alpha_pattern, module, self.config.lora_alpha)
+        return alpha / math.sqrt(rank) if self.config.use_rslora else alpha / rank
 
     def modules_beyond(self, num_layers: int) -> list[str]:
         """Adapted modules in layers the base does not have: a sign of an adapter for another model."""
@@ -100,7 +102,7 @@ class LoraAdapter:
         if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
             raise MoemergeError(f"{self.label}: adapter tensors {a_name} / {b_name} have incompatible shapes")
         delta = lora_b @ lora_a
-        if self.config.get("fan_in_fan_out"):
+        if self.config.fan_in_fan_out:
             delta = delta.T
         if tuple(delta.shape) != shape and tuple(delta.T.shape) == shape:
             # PEFT resets fan_in_fan_out for nn.Linear targets; honour the layout the weights really have.

@@ -8,8 +8,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as validated_dataclass
 
 from moemerge.arch import DenseShape, check_expert_shape, check_tensor_names, dense_shape
 from moemerge.card import base_license, model_card
@@ -27,7 +30,7 @@ from moemerge.progress import Progress, Silent
 from moemerge.prompts import gather_prompts
 from moemerge.recipe import DTYPE_ALIASES, ExpertSpec, Recipe, load_recipe
 from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
-from moemerge.staging import check_output, staged_output
+from moemerge.staging import check_output, output_folder, staged_output
 from moemerge.verify import check_structure
 from moemerge.vocab import vocab_mismatch
 from moemerge.writer import PlannedTensor, write_json, write_shards
@@ -38,19 +41,33 @@ MANIFEST = "moemerge.json"
 TRAINING_REPORT = "gate_training.json"
 
 
-@dataclass
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the per-tensor noise seeds are taken modulo 2**63
+
+
+@validated_dataclass(config=ConfigDict(strict=True))
 class MergeOptions:
-    """Command-line switches, the same for the CLI and the Python API."""
+    """Command-line switches, the same for the CLI and the Python API; ranges are checked on creation (a
+    pydantic ValidationError; `options_from` turns it into a one-line MoemergeError naming the option)."""
 
     device: str = "auto"
     dtype: str | None = None
-    seed: int = 0
-    shard_size: int = 5_000_000_000
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    shard_size: Annotated[int, Field(gt=0)] = 5_000_000_000
     force: bool = False
     allow_pickle: bool = False
     allow_vocab_mismatch: bool = False  # build with the base's vocabulary when experts added tokens
-    batch_size: int = 32
+    batch_size: Annotated[int, Field(ge=1)] = 32
     hub_repo_id: str | None = None  # the Hub repo the output is meant for: named in the model card (cli pushes)
+
+
+def options_from(**values: object) -> MergeOptions:
+    """MergeOptions from command-line values; an out-of-range one is named as its option, in one line."""
+    try:
+        return MergeOptions(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise MoemergeError(f"{option} {error['input']}: {error['msg'].lower()}") from None
 
 
 @dataclass
@@ -164,6 +181,16 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
     return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
 
 
+def _read_paths(recipe_path: Path, inputs: Inputs, prompt_files: list[Path]) -> list[tuple[str, Path]]:
+    """Everything the merge reads from disk, named for the message that refuses an OUT placed on it."""
+    reads = [("the recipe", recipe_path), ("the source model", inputs.base.path)]
+    for expert in inputs.experts + ([inputs.shared] if inputs.shared else []):
+        reads.append(("the source model", expert.model.path))
+        if expert.adapter is not None:
+            reads.append(("the LoRA adapter", expert.adapter.path))
+    return reads + [("the prompt file", path) for path in prompt_files]
+
+
 def _check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:
     """The plan holds exactly the tensors the config implies, before any byte is written: a base that lacks
     one its family should have (a bias, a q/k norm) is named now rather than found by the final check."""
@@ -186,19 +213,16 @@ def merge(
     options = options or MergeOptions()
     progress = progress or Silent()
     started = time.perf_counter()
-    recipe_path, out = Path(recipe_path), Path(out)
-    if options.batch_size < 1:
-        raise MoemergeError(f"--batch-size {options.batch_size}: must be at least 1")
+    recipe_path, out = Path(recipe_path), output_folder(Path(out))
     recipe = load_recipe(recipe_path)
     device = resolve_device(options.device)
-    check_output(out, options.force, [])  # before any download: an existing OUT is refused now
+    check_output(out, options.force, [("the recipe", recipe_path)])  # before any download
     hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
     inputs = _open_and_check(recipe, recipe_path.parent, options, hub)
     base, shape, experts = inputs.base, inputs.shape, inputs.experts
-    sources = [base.path] + [e.model.path for e in experts + ([inputs.shared] if inputs.shared else [])]
-    check_output(out, options.force, sources)
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
+    check_output(out, options.force, _read_paths(recipe_path, inputs, prompts.files))
 
     layout = MoeLayout(
         shape.family.name,

@@ -25,7 +25,7 @@ def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str | None
         out_name or name,
         base.tensors.shape(name),
         dtype,
-        lambda: base.tensors.load(name).to(dtype),
+        lambda: base.tensors.load(name),
         f"base {name}",
         base.tensors.byte_range(name, dtype),
     )
@@ -36,7 +36,7 @@ def _mlp(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: 
         out,
         base.tensors.shape(mlp_tensor(layer, projection)),
         dtype,
-        lambda: expert.tensor(layer, projection, dtype),
+        lambda: expert.tensor(layer, projection),
         f"{expert.label} {mlp_tensor(layer, projection)}",
         expert.source_bytes(layer, projection, dtype),
     )
@@ -96,7 +96,7 @@ def build_plan(
                 output.gate_name(layer),
                 (len(experts), shape.hidden_size),
                 dtype,
-                lambda i=layer: gate_rows(i).to(dtype),
+                lambda i=layer: gate_rows(i),
                 "gates",
             )
         )

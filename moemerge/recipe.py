@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,10 +40,17 @@ def _as_list(value: Any) -> Any:
     return value
 
 
+# Numbers are finite (no .inf/.nan) and within ranges that keep float32 arithmetic finite: a recipe value
+# is refused here, by key, rather than surfacing as NaN in a tensor once writing has started.
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+MAX_SEED = 2**63 - 1
+MAX_SCALE = 1e4  # gate_scale, residual_scale, noise_scale: far beyond any useful value, far below overflow
+
+
 class ExpertSpec(BaseModel):
     """One expert: a fine-tuned model or a LoRA adapter, and prompts saying what it is good at."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     source_model: str = Field(min_length=1)
     name: str | None = None
@@ -51,8 +58,8 @@ class ExpertSpec(BaseModel):
     negative_prompts: list[str] = []
     positive_prompts_file: str | None = None
     negative_prompts_file: str | None = None
-    noise_scale: float | None = Field(default=None, ge=0)
-    residual_scale: float | None = None
+    noise_scale: float | None = Field(default=None, ge=0, le=MAX_SCALE)
+    residual_scale: float | None = Field(default=None, ge=-MAX_SCALE, le=MAX_SCALE)
 
     @field_validator("positive_prompts", "negative_prompts", mode="before")
     @classmethod
@@ -68,29 +75,29 @@ class ExpertSpec(BaseModel):
 class TrainingSpec(BaseModel):
     """How `trained` gates are fitted: full-batch AdamW on frozen router inputs, per layer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    steps: int = Field(default=300, ge=1)
-    lr: float = Field(default=0.01, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
+    steps: int = Field(default=300, ge=1, le=1_000_000)
+    lr: float = Field(default=0.01, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0, le=10)
     batch_size: int = Field(default=16, ge=1)  # prompts per forward pass while capturing router inputs
     max_tokens: int = Field(default=256, ge=4)
     holdout: float = Field(default=0.2, ge=0, lt=1)
-    seed: int = 0
-    layers: list[int] | None = None
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    layers: list[Annotated[int, Field(ge=0)]] | None = None
 
 
 class Recipe(BaseModel):
     """A whole merge: base model, experts, and how the routers are set."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     base_model: str = Field(min_length=1)
     experts: list[ExpertSpec] = Field(min_length=2)
     gate_mode: GateMode = "hidden"
     dtype: str | None = None
     experts_per_token: int = Field(default=2, ge=1, strict=True)
-    gate_scale: float = Field(default=30.0, gt=0)  # measured: benchmarks/routing_quality.py
+    gate_scale: float = Field(default=30.0, gt=0, le=MAX_SCALE)  # measured: benchmarks/routing_quality.py
     dataset_csv: str | None = None
     training: TrainingSpec = TrainingSpec()
     architecture: str | None = None  # output format; None: the base family's default (see moemerge.formats)
@@ -132,7 +139,9 @@ class Recipe(BaseModel):
             raise ValueError("gate_mode trained needs dataset_csv: a CSV of prompt,expert rows to train on")
         if self.gate_mode in PROMPT_MODES and not self.dataset_csv:
             for i, expert in enumerate(self.experts):
-                if not [p for p in expert.positive_prompts if p.strip()] and not expert.positive_prompts_file:
+                negatives = [p for p in expert.negative_prompts if p.strip()] or expert.negative_prompts_file
+                positives = [p for p in expert.positive_prompts if p.strip()] or expert.positive_prompts_file
+                if not positives and not negatives:  # negatives alone describe an expert by what it is not
                     raise ValueError(
                         f"experts[{i}].positive_prompts is empty, but gate_mode {self.gate_mode} builds each "
                         "router from its expert's prompts; add prompts or use gate_mode: random"
@@ -212,13 +221,32 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise MoemergeError(f"{source}: {_describe(first)}{more}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings name each key once: with a key twice, PyYAML keeps the last value silently, and
+    the recipe would not mean what its author reads. Keys merged in from an anchor (`<<: *x`) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key: the constructor below says what is wrong with it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; YAML anchors and indentless lists are plain YAML and just work."""
     path = Path(path)
     if not path.is_file():
         raise MoemergeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise MoemergeError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
     except RecursionError:

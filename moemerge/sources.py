@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.safetensors_header import TensorInfo, read_header
+from moemerge.model_files import DenseConfig, ShardIndex, read_json, typed
+from moemerge.safetensors_header import TensorInfo, read_weights
 
 if TYPE_CHECKING:
     from moemerge.hub import HubFetcher
@@ -47,6 +47,16 @@ def find_path(text: str, recipe_dir: Path) -> Path | None:
     return None
 
 
+def split_adapter(text: str, recipe_dir: Path) -> tuple[str, str]:
+    """mergekit's `model+adapter`, where either path may hold a '+' itself: the split whose two parts both
+    exist locally, else the last '+' (Hub ids hold no '+')."""
+    splits = [(text[:i], text[i + 1 :]) for i, char in enumerate(text) if char == "+"]
+    for model, adapter in splits:
+        if find_path(model, recipe_dir) and find_path(adapter, recipe_dir):
+            return model, adapter
+    return splits[-1]
+
+
 def resolve_reference(
     text: str, key: str, recipe_dir: Path, base: Path | None, hub: HubFetcher | None = None
 ) -> Reference:
@@ -58,7 +68,7 @@ def resolve_reference(
     hub = hub if hub is not None else HubFetcher()
     found = find_path(text, recipe_dir) or hub.fetch(text, key, "base" if base is None else "expert")
     if found is None and "+" in text:
-        model_text, adapter_text = text.rsplit("+", 1)
+        model_text, adapter_text = split_adapter(text, recipe_dir)
         model = resolve_reference(model_text, key, recipe_dir, base, hub)
         adapter = find_path(adapter_text, recipe_dir) or hub.fetch(adapter_text, key, "adapter")
         if adapter is None:
@@ -83,15 +93,22 @@ def resolve_reference(
 
 
 class TensorStore:
-    """Tensors spread over weight files, read lazily: only the tensor asked for is ever resident."""
+    """Tensors spread over weight files, read lazily: only the tensor asked for is ever resident. With an
+    index (`weight_map`, read from the file `index`), each tensor must be in the shard it names."""
 
-    def __init__(self, files: list[Path], label: str, allow_pickle: bool) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        label: str,
+        allow_pickle: bool,
+        weight_map: dict[str, str] | None = None,
+        index: Path | None = None,
+    ) -> None:
         self.label = label
         self._infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] = {}
         if files[0].suffix == ".safetensors":
-            for file in files:
-                self._infos.update(read_header(file))
+            self._infos = read_weights(files, weight_map, index)
         elif allow_pickle:
             for file in files:
                 self._pickled.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
@@ -156,23 +173,18 @@ class ModelSource:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise MoemergeError(f"{label}: {path} has no config.json; is it a Hugging Face model folder?")
-        try:
-            self.config: dict = json.loads(config_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MoemergeError(f"{config_file}: not valid JSON ({exc.__class__.__name__})") from None
-        if not isinstance(self.config, dict):
-            raise MoemergeError(f"{config_file}: not a JSON object")
-        self.tensors = TensorStore(self._weight_files(), label, allow_pickle)
+        self.config: dict = read_json(config_file)
+        typed(DenseConfig, self.config, config_file)
+        files, weight_map, index = self._weight_files()
+        self.tensors = TensorStore(files, label, allow_pickle, weight_map, index)
 
-    def _weight_files(self) -> list[Path]:
+    def _weight_files(self) -> tuple[list[Path], dict[str, str] | None, Path | None]:
+        """The weight files, and the index's weight map and path where the folder has an index."""
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                    names = sorted(set(weight_map.values()))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise MoemergeError(f"{index}: corrupt index (no weight_map)") from None
+                weight_map = typed(ShardIndex, read_json(index), index).weight_map
+                names = sorted(set(weight_map.values()))
                 escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
                 if escaping:
                     raise MoemergeError(f"{index}: shard name {escaping[0]!r} points outside the model folder; refused")
@@ -180,9 +192,9 @@ class ModelSource:
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise MoemergeError(f"{index}: lists shard {missing[0]}, which is missing from {self.path}")
-                return files
+                return files, weight_map, index
         for pattern in ("*.safetensors", "pytorch_model*.bin"):
             files = sorted(self.path.glob(pattern))
             if files:
-                return files
+                return files, None, None
         raise MoemergeError(f"{self.label}: {self.path} holds no .safetensors weights")

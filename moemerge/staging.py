@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 from collections.abc import Iterator
@@ -10,23 +11,35 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from moemerge.errors import MoemergeError
+from moemerge.interrupt import interrupted, shielded
 
 PARTIAL_TAG = "moemerge-partial"
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def check_output(out: Path, force: bool, sources: list[Path]) -> None:
-    """Refuse before any work: an existing OUT without --force, an OUT inside a source, an unwritable parent."""
+def output_folder(out: Path) -> Path:
+    """Where the output really goes: an OUT that is a symlink stands for the folder it points to, which is
+    replaced (the link keeps pointing at the new output); the link itself is never swapped for a folder."""
+    return out.resolve() if out.is_symlink() else out
+
+
+def check_output(out: Path, force: bool, reads: list[tuple[str, Path]]) -> None:
+    """Refuse before any work: an existing OUT without --force, an unwritable parent, and an OUT equal to,
+    inside or around anything the merge reads (`reads`: what it is, e.g. "the LoRA adapter", and its path),
+    symlinks resolved, since --force deletes what OUT holds and a merge writes where OUT is."""
     resolved = out.resolve()
     if out.exists() and not force:
         raise MoemergeError(f"{out} already exists; choose another output folder or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise MoemergeError(f"{out} exists and is a file; --force only replaces an output folder")
-    for source in sources:
-        src = source.resolve()
-        if resolved == src or src in resolved.parents or resolved in src.parents:
-            raise MoemergeError(f"{out} is inside or around the source model {source}; write the output elsewhere")
+    for what, path in reads:
+        read = path.resolve()
+        if resolved == read or read in resolved.parents or resolved in read.parents:
+            raise MoemergeError(
+                f"{out} is inside or around {what} {path}, which the recipe reads; write the output elsewhere"
+            )
     parent = _existing_parent(resolved)
     if not os.access(parent, os.W_OK):
         raise MoemergeError(f"{parent} is not writable; choose an output folder you can write to")
@@ -60,31 +73,62 @@ def clean_stale_partials(out: Path) -> list[Path]:
     for leftover in out.parent.glob(f".{out.name}.{PARTIAL_TAG}-*"):
         pid = leftover.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _remove(leftover)
             removed.append(leftover)
     return removed
 
 
+def _remove(path: Path) -> None:
+    """Remove a leftover: a folder with its contents, or a link (never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above OUT that do not exist yet, deepest first: a failed merge removes what it created."""
+    missing = []
+    parent = out.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
 @contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a partial folder beside OUT; on success it replaces OUT, on any failure it is removed."""
+    """Yield a partial folder beside OUT; on success it replaces OUT, on any failure it is removed, with
+    the parent folders it had to create. A Ctrl-C that a library swallowed (in a __del__, say) still stops
+    the merge just before OUT is put in place."""
+    created = _missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(out)
     partial = out.parent / f".{out.name}.{PARTIAL_TAG}-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    _remove(partial)
     partial.mkdir()
     try:
         yield partial
+        if interrupted():
+            raise KeyboardInterrupt
         if out.exists():
             if not force:
                 raise MoemergeError(f"{out} appeared while merging; it was left as it is and nothing was written")
             _exchange(partial, out)
-            shutil.rmtree(partial, ignore_errors=True)
+            _remove(partial)
         else:
             partial.rename(out)
         _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as exc:
+        with shielded():
+            _remove(partial)
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break  # no longer empty: something else now lives there
+        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # the OS names the source a copy came from
+            raise MoemergeError(f"could not write {out}: {exc.strerror}; free disk space or write elsewhere") from None
         raise
 
 

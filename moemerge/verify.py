@@ -6,46 +6,41 @@ before the output is renamed into place; `--deep` also reads every value and loa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.formats import config_tensors, format_of_config
 from moemerge.hf import load_model
-from moemerge.safetensors_header import TensorInfo, read_header
+from moemerge.model_files import ShardIndex, read_json, typed
+from moemerge.safetensors_header import TensorInfo, read_weights
 from moemerge.sources import TensorStore
 from moemerge.writer import INDEX_NAME
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise MoemergeError(f"{path}: missing; the output is incomplete")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MoemergeError(f"{path}: not valid JSON") from None
+    return read_json(path)
 
 
 def check_structure(out: Path) -> dict[str, TensorInfo]:
-    """Index, shard headers, names, shapes and dtypes: everything but the values. Returns the tensors."""
+    """Config, index, shard headers, names, shapes and dtypes: everything but the values. Returns the
+    tensors. The config is read first: a dense model is named as such, not as an output missing its index."""
     config = _read_json(out / "config.json")
-    weight_map = _read_json(out / INDEX_NAME).get("weight_map") or {}
-    tensors: dict[str, TensorInfo] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (out / shard).is_file():
+    format_of_config(config, str(out / "config.json"))
+    weight_map = typed(ShardIndex, _read_json(out / INDEX_NAME), out / INDEX_NAME).weight_map
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard or not (out / shard).is_file():
             raise MoemergeError(f"{out / INDEX_NAME}: lists {shard}, which is missing")
-        for name, info in read_header(out / shard).items():
-            if name in tensors:
-                raise MoemergeError(f"{out / shard}: tensor {name} is also in {tensors[name].file.name}")
-            if weight_map.get(name) != shard:
-                raise MoemergeError(f"{out / shard}: tensor {name} is not listed for this shard in the index")
-            tensors[name] = info
+    tensors = read_weights([out / shard for shard in shards], weight_map, out / INDEX_NAME)
     unlisted = sorted(p.name for p in out.glob("*.safetensors") if p.name not in set(weight_map.values()))
     if unlisted:
         raise MoemergeError(f"{out / unlisted[0]}: shard not listed in {INDEX_NAME}")
-    expected = config_tensors(config, str(out / "config.json"))[1]
+    expected = config_tensors(config, str(out / "config.json"), len(weight_map))[1]
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

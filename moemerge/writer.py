@@ -32,7 +32,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor]  # the values, in `dtype` or a wider one the writer casts from
     source: str = ""
     verbatim: TensorInfo | None = None  # the source bytes, when they are the output bytes as they are
 
@@ -89,6 +89,16 @@ def _non_finite(tensor: PlannedTensor) -> MoemergeError:
     return MoemergeError(f"{tensor.source}: NaN or Inf values (output tensor {tensor.name}); fix the source weights")
 
 
+def _overflow(tensor: PlannedTensor, value: torch.Tensor) -> MoemergeError:
+    """Finite values that the output dtype cannot hold: the cause is the dtype, not the sources."""
+    peak = float(value.detach().abs().max())
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    return MoemergeError(
+        f"{tensor.source}: values up to {peak:.4g} overflow {dtype} (largest {torch.finfo(tensor.dtype).max:.4g}) "
+        f"in output tensor {tensor.name}; use dtype: bfloat16 or float32"
+    )
+
+
 def _check_verbatim(tensor: PlannedTensor, info: TensorInfo) -> TensorInfo:
     """Check a file range that will be copied as it is, through a private map of the file: the values are
     read from the page cache in place, and only the pages of this one tensor are mapped at a time."""
@@ -115,13 +125,18 @@ def _checked(tensor: PlannedTensor) -> torch.Tensor | TensorInfo:
     if tensor.verbatim is not None:
         return _check_verbatim(tensor, tensor.verbatim)
     value = tensor.produce()
-    if tuple(value.shape) != tensor.shape or value.dtype != tensor.dtype:
+    if tuple(value.shape) != tensor.shape or value.dtype.is_floating_point != tensor.dtype.is_floating_point:
         raise RuntimeError(
             f"internal error: {tensor.name} was planned as {tensor.dtype}{list(tensor.shape)} "
             f"but produced {value.dtype}{list(value.shape)}"
         )
     if not _finite(value):
         raise _non_finite(tensor)
+    if value.dtype != tensor.dtype:
+        cast = value.to(tensor.dtype)
+        if not _finite(cast):
+            raise _overflow(tensor, value)
+        value = cast
     return value.contiguous()
 
 
@@ -182,4 +197,5 @@ def write_shards(
 
 
 def write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Strict JSON: a NaN or Infinity (which json.dumps would write bare, and other readers refuse) is an error."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")

@@ -54,15 +54,25 @@ def choose_format(
     return output
 
 
-def config_tensors(config: Any, where: str) -> tuple[OutputFormat, dict[str, tuple[int, ...]]]:
+def config_tensors(
+    config: Any, where: str, max_tensors: int | None = None
+) -> tuple[OutputFormat, dict[str, tuple[int, ...]]]:
     """The format of an existing output, from its config.json's model_type, and every tensor it implies;
-    a config that lacks a size, or holds one that is not a number, is named in one line."""
-    if not isinstance(config, dict):
-        raise MoemergeError(f"{where}: not a JSON object")
-    output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
-    if output is None:
-        raise MoemergeError(f"{where}: model_type {config.get('model_type')!r} is not an MoE format moemerge writes")
+    a config that lacks a size, holds one that is not a whole number >= 1, or implies more tensors than
+    `max_tensors` (what the index lists: a config claiming 10^9 experts) is named in one line."""
+    output = format_of_config(config, where)
+    sizes = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", output.experts_key)
+    for key in (*sizes, output.expert_size_key):
+        value = config.get(key)
+        if key in config and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MoemergeError(f"{where}: {key} is {value!r}; a size is a whole number >= 1")
     try:
+        implied = config["num_hidden_layers"] * (1 + 3 * output.num_experts(config))
+        if max_tensors is not None and implied > max_tensors:
+            raise MoemergeError(
+                f"{where}: {config['num_hidden_layers']} layers of {output.num_experts(config)} experts need "
+                f"{implied} or more tensors, but the index lists {max_tensors}"
+            )
         return output, output.expected_tensors(config)
     except KeyError as exc:
         raise MoemergeError(f"{where}: missing key {exc.args[0]}") from None
@@ -71,5 +81,13 @@ def config_tensors(config: Any, where: str) -> tuple[OutputFormat, dict[str, tup
 
 
 def format_of_config(config: Any, where: str) -> OutputFormat:
-    """The format of an existing output, checked as config_tensors does."""
-    return config_tensors(config, where)[0]
+    """The format of an existing output, from its config.json's model_type."""
+    if not isinstance(config, dict):
+        raise MoemergeError(f"{where}: not a JSON object")
+    output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
+    if output is None:
+        raise MoemergeError(
+            f"{where}: model_type {config.get('model_type')!r} is not an MoE format moemerge writes; "
+            "verify checks a merged output"
+        )
+    return output

@@ -26,7 +26,7 @@ class TrainingReport:
 
     trained_layers: list[int]
     layer_accuracy: list[float]
-    expert_accuracy: list[float]
+    expert_accuracy: list[float | None]  # None: no held-out tokens of that expert (JSON has no NaN)
     train_prompts: int
     holdout_prompts: int
     train_tokens: int
@@ -77,14 +77,12 @@ def fit_gates(features: torch.Tensor, labels: torch.Tensor, num_experts: int, sp
 
 def token_accuracy(
     rows: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, num_experts: int
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float | None]]:
     """Top-1 accuracy per layer (all tokens) and per expert present in labels (mean over layers)."""
     predicted = torch.einsum("lth,leh->lte", features, rows.to(features.device)).argmax(dim=-1)
     correct = (predicted == labels[None]).float()
     per_layer = correct.mean(dim=1).tolist()
-    per_expert = [
-        correct[:, labels == e].mean().item() if (labels == e).any() else float("nan") for e in range(num_experts)
-    ]
+    per_expert = [correct[:, labels == e].mean().item() if (labels == e).any() else None for e in range(num_experts)]
     return per_layer, per_expert
 
 
