@@ -310,8 +310,8 @@ def _run(argv: list[str]) -> int | None:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         return _fail(f"[red]error:[/red] {where}{exc.strerror or exc}", 1)
-    except ClickException as exc:  # usage errors: a missing argument, a bad option value
-        return _fail(f"[red]error:[/red] {exc.format_message()}", exc.exit_code)
+    except ClickException as exc:  # usage errors: a missing argument, a bad option value; 2 is for our bugs
+        return _fail(f"[red]error:[/red] {exc.format_message()}", 1)
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if DEBUG["on"]:
             raise
