@@ -31,13 +31,12 @@ from moemerge.prompts import gather_prompts
 from moemerge.recipe import DTYPE_ALIASES, ExpertSpec, Recipe, load_recipe
 from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
 from moemerge.staging import check_output, output_folder, staged_output
-from moemerge.verify import check_structure
+from moemerge.verify import DIGESTS, MANIFEST, check_structure
 from moemerge.vocab import vocab_mismatch
 from moemerge.writer import PlannedTensor, write_json, write_shards
 
 log = logging.getLogger("moemerge")
 RECIPE_COPY = "moemerge_recipe.yaml"
-MANIFEST = "moemerge.json"
 TRAINING_REPORT = "gate_training.json"
 
 
@@ -249,7 +248,7 @@ def merge(
     names = recipe.expert_names()
     with staged_output(out, options.force) as partial:
         advance = progress.task("writing shards", sum(t.nbytes for t in plan))
-        index = write_shards(plan, partial, options.shard_size, advance)
+        index, digests = write_shards(plan, partial, options.shard_size, advance)
         write_json(partial / "config.json", config)
         _copy_side_files(base, partial)
         recipe_text = recipe_path.read_text(encoding="utf-8")
@@ -265,6 +264,7 @@ def merge(
                 "sources": hub.sources,
                 "architecture": inputs.output.name,
                 "dropped_tokens": inputs.dropped_tokens,
+                DIGESTS: digests,  # checked by `moemerge verify`
             },
         )
         if result.report is not None:

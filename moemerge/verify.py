@@ -6,6 +6,7 @@ before the output is renamed into place; `--deep` also reads every value and loa
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from moemerge.model_files import ShardIndex, read_json, typed
 from moemerge.safetensors_header import TensorInfo, read_weights
 from moemerge.sources import TensorStore
 from moemerge.writer import INDEX_NAME
+
+MANIFEST = "moemerge.json"
+DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 
 
 def _read_json(path: Path) -> Any:
@@ -56,6 +60,26 @@ def check_structure(out: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def check_digests(out: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Each shard's bytes are those written: a flipped bit in a finite value passes every other check. An
+    output without recorded digests (written by an older moemerge) has nothing to compare with."""
+    manifest = _read_json(out / MANIFEST) if (out / MANIFEST).is_file() else {}
+    recorded = manifest.get(DIGESTS) if isinstance(manifest, dict) else None
+    if recorded is None:
+        return
+    shards = sorted({info.file.name for info in tensors.values()})
+    if not isinstance(recorded, dict) or sorted(recorded) != shards:
+        raise MoemergeError(f"{out / MANIFEST}: {DIGESTS} does not list the shards of {INDEX_NAME}")
+    for shard in shards:
+        with (out / shard).open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if digest != recorded[shard]:
+            raise MoemergeError(
+                f"{out / shard}: sha256 {digest[:16]}… is not the {str(recorded[shard])[:16]}… recorded when it was "
+                "written; the file has changed since (re-download or re-merge it)"
+            )
+
+
 def check_values(tensors: dict[str, TensorInfo]) -> None:
     """Every value finite, read one tensor at a time."""
     files = sorted({info.file for info in tensors.values()})
@@ -83,6 +107,7 @@ def verify(out: Path, deep: bool = False) -> int:
         raise MoemergeError(f"{out}: not a folder")
     tensors = check_structure(out)
     if deep:
+        check_digests(out, tensors)
         check_values(tensors)
         check_loads(out)
     return len(tensors)

@@ -7,6 +7,7 @@ held at all: the kernel copies its file range into the shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -14,13 +15,16 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.filecopy import Writeback, copy_range, truncated
 from moemerge.safetensors_header import DTYPE_NAMES, TensorInfo
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -99,12 +103,13 @@ def _overflow(tensor: PlannedTensor, value: torch.Tensor) -> MoemergeError:
     )
 
 
-def _check_verbatim(tensor: PlannedTensor, info: TensorInfo) -> TensorInfo:
-    """Check a file range that will be copied as it is, through a private map of the file: the values are
-    read from the page cache in place, and only the pages of this one tensor are mapped at a time."""
+def _check_verbatim(tensor: PlannedTensor, info: TensorInfo, digest: Hash) -> TensorInfo:
+    """Check and hash a file range that will be copied as it is, through a private map of the file: the
+    values are read from the page cache in place (the copy itself never passes through Python), and only
+    the pages of this one tensor are mapped at a time."""
     if info.shape != tensor.shape or info.dtype != tensor.dtype:
         raise RuntimeError(f"internal error: {tensor.name} was planned as {tensor.dtype}{list(tensor.shape)}")
-    if not info.dtype.is_floating_point or info.nbytes == 0:
+    if info.nbytes == 0:
         return info
     start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
     with info.file.open("rb") as handle:
@@ -112,18 +117,22 @@ def _check_verbatim(tensor: PlannedTensor, info: TensorInfo) -> TensorInfo:
             mapped = mmap.mmap(handle.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
         except ValueError:
             raise truncated(info) from None
-    with mapped:  # the tensor over the map is gone when _finite returns, so the map can close
-        finite = _finite(torch.frombuffer(mapped, dtype=info.dtype, count=tensor.numel, offset=info.start - start))
+    with mapped:  # the views over the map are gone when this block ends, so the map can close
+        with memoryview(mapped) as view:
+            digest.update(view[info.start - start : info.end - start])
+        finite = not info.dtype.is_floating_point or _finite(
+            torch.frombuffer(mapped, dtype=info.dtype, count=tensor.numel, offset=info.start - start)
+        )
     if not finite:
         raise _non_finite(tensor)
     return info
 
 
-def _checked(tensor: PlannedTensor) -> torch.Tensor | TensorInfo:
-    """Make one tensor and check it is what the plan promised, and finite; a verbatim tensor is only
-    checked, and its file range returned for copying."""
+def _checked(tensor: PlannedTensor, digest: Hash) -> torch.Tensor | TensorInfo:
+    """Make one tensor, check it is what the plan promised, and finite, and add its bytes to its shard's
+    digest; a verbatim tensor is only checked and hashed, and its file range returned for copying."""
     if tensor.verbatim is not None:
-        return _check_verbatim(tensor, tensor.verbatim)
+        return _check_verbatim(tensor, tensor.verbatim, digest)
     value = tensor.produce()
     if tuple(value.shape) != tensor.shape or value.dtype.is_floating_point != tensor.dtype.is_floating_point:
         raise RuntimeError(
@@ -137,26 +146,32 @@ def _checked(tensor: PlannedTensor) -> torch.Tensor | TensorInfo:
         if not _finite(cast):
             raise _overflow(tensor, value)
         value = cast
-    return value.contiguous()
+    value = value.contiguous()
+    digest.update(_bytes(value))
+    return value
 
 
-def _prefetched(tensors: list[PlannedTensor]) -> Iterator[torch.Tensor | TensorInfo]:
-    """Tensors in order, each made (or checked) on a helper thread while the previous one is written:
-    reading, converting and checking overlap with writing (all release the GIL), and at most two tensors
-    are in memory."""
+def _prefetched(jobs: list[tuple[PlannedTensor, Hash]]) -> Iterator[torch.Tensor | TensorInfo]:
+    """Tensors in order, each made (or checked) and hashed on a helper thread while the previous one is
+    written: reading, converting, checking and hashing overlap with writing (all release the GIL), at most
+    two tensors are in memory, and one thread hashes every tensor in write order."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_checked, tensors[0]) if tensors else None
-        for following in [*tensors[1:], None]:
+        pending = pool.submit(_checked, *jobs[0]) if jobs else None
+        for following in [*jobs[1:], None]:
             value = pending.result()
-            pending = pool.submit(_checked, following) if following is not None else None
+            pending = pool.submit(_checked, *following) if following is not None else None
             yield value
+
+
+def _bytes(value: torch.Tensor) -> memoryview:
+    return value.reshape(-1).view(torch.uint8).numpy().data
 
 
 def _write(value: torch.Tensor | TensorInfo, handle: BinaryIO) -> None:
     if isinstance(value, TensorInfo):
         copy_range(value, handle)
     else:
-        handle.write(value.reshape(-1).view(torch.uint8).numpy().data)
+        handle.write(_bytes(value))
 
 
 def shard_name(number: int, total: int) -> str:
@@ -165,16 +180,19 @@ def shard_name(number: int, total: int) -> str:
 
 def write_shards(
     plan: list[PlannedTensor], folder: Path, shard_size: int, on_tensor: Callable[[int], None] | None = None
-) -> dict[str, object]:
-    """Write every planned tensor into shards in `folder`, fsync each, and write the index; returns it."""
+) -> tuple[dict[str, object], dict[str, str]]:
+    """Write every planned tensor into shards in `folder`, fsync each, and write the index; returns it and
+    each shard's sha256, computed from the bytes as they are written (the output is never read back)."""
     shards = assign_shards(plan, shard_size)
+    headers = [_header(tensors) for tensors in shards]
+    digests = [hashlib.sha256(header) for header in headers]
     weight_map: dict[str, str] = {}
-    values = _prefetched([tensor for shard in shards for tensor in shard])
+    values = _prefetched([(tensor, digest) for digest, shard in zip(digests, shards, strict=True) for tensor in shard])
     for number, tensors in enumerate(shards, start=1):
         name = shard_name(number, len(shards))
         try:
             with (folder / name).open("wb") as handle:
-                header = _header(tensors)
+                header = headers[number - 1]
                 handle.write(header)
                 position = len(header)
                 writeback = Writeback(handle)
@@ -193,7 +211,7 @@ def write_shards(
             ) from None
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map}
     write_json(folder / INDEX_NAME, index)
-    return index
+    return index, {shard_name(n, len(shards)): d.hexdigest() for n, d in enumerate(digests, start=1)}
 
 
 def write_json(path: Path, data: object) -> None:
