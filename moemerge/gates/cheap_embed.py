@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 
 def _mean_embedding(embed: torch.Tensor, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> torch.Tensor:
+    if not prompts:  # an expert with negative prompts only: its row comes from the negatives alone
+        return torch.zeros(embed.shape[1])
     means = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or tokenizer(prompt)["input_ids"]

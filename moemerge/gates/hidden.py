@@ -51,6 +51,10 @@ def _discriminant(features: torch.Tensor, labels: torch.Tensor, means: torch.Ten
     return _ridge_solve(rows, SHRINKAGE * scale, (means - means.mean(dim=0)).T).T
 
 
+def _mean_or_zero(rows: torch.Tensor) -> torch.Tensor:
+    return rows.mean(dim=0) if len(rows) else rows.new_zeros(rows.shape[1:])
+
+
 def hidden_prototypes(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -73,7 +77,8 @@ def hidden_prototypes(
     is_positive = token_group >= 0
     rows = []
     for layer in features:
-        means = torch.stack([layer[token_group == e].mean(dim=0) for e in range(experts)])
+        # An expert with negative prompts only has no positive mean: its row comes from the negatives alone.
+        means = torch.stack([_mean_or_zero(layer[token_group == e]) for e in range(experts)])
         for e, group in enumerate(negative):
             if group:
                 means[e] -= layer[token_group == -1 - e].mean(dim=0)
