@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
@@ -343,6 +343,18 @@ class _Strict(BaseModel):
     # wrong JSON types are errors (no "0.5" for 0.5); fields OpenAI has and we do not use are ignored
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @field_validator("*")
+    @classmethod
+    def _real_text(cls, value: Any) -> Any:
+        """JSON can carry a lone surrogate escape (\\ud800), which no tokenizer can encode: a 400, not a 500."""
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("holds a lone surrogate escape (such as \\ud800), which is not text") from None
+        return value
+
 
 class ContentPart(_Strict):
     type: str
@@ -390,7 +402,7 @@ class _Request(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
