@@ -12,13 +12,35 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from moemerge.errors import MoemergeError
 
 Size = Annotated[StrictInt, Field(ge=1)]
+COPIED_NOT_NULL = ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act")
 Number = StrictInt | StrictFloat
 Model = TypeVar("Model", bound=BaseModel)
+
+
+class RopeScaling(BaseModel):
+    """rope_scaling / rope_parameters: copied into the MoE's config.json, so typed as readers expect them."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    rope_type: str | None = None
+    type: str | None = None
+    factor: Annotated[Number, Field(gt=0)] | None = None
+    rope_theta: Annotated[Number, Field(gt=0)] | None = None
 
 
 class DenseConfig(BaseModel):
@@ -44,6 +66,17 @@ class DenseConfig(BaseModel):
     use_sliding_window: StrictBool | None = None
     rms_norm_eps: Annotated[Number, Field(gt=0)] | None = None
     rope_theta: Annotated[Number, Field(gt=0)] | None = None
+    rope_scaling: RopeScaling | None = None
+    rope_parameters: RopeScaling | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_copied_values(cls, data: Any) -> Any:
+        """Keys the MoE's config.json copies: null there is absent to us but breaks every reader of the output."""
+        for key in COPIED_NOT_NULL:
+            if isinstance(data, dict) and key in data and data[key] is None:
+                raise ValueError(f"{key} is null; give its value or remove the key")
+        return data
 
     @field_validator("architectures", mode="before")
     @classmethod

@@ -92,7 +92,11 @@ def check_values(tensors: dict[str, TensorInfo]) -> None:
 def check_loads(out: Path) -> None:
     """transformers loads it as its format's class (MixtralForCausalLM, ...) and gives finite logits."""
     want = format_of_config(_read_json(out / "config.json"), str(out / "config.json")).class_name
-    model = load_model(out)
+    try:
+        model = load_model(out)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the answer is "it does not load"
+        reason = " ".join(f"{exc.__class__.__name__}: {exc}".split())[:300]
+        raise MoemergeError(f"{out}: transformers cannot load it ({reason})") from None
     if type(model).__name__ != want:
         raise MoemergeError(f"{out}: transformers loaded {type(model).__name__}, not {want}")
     with torch.inference_mode():
