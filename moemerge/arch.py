@@ -97,11 +97,16 @@ def _layer_tensor_pattern(family: InputFamily) -> re.Pattern[str]:
 
 
 def check_tensor_names(source: ModelSource, shape: DenseShape) -> None:
-    """Every tensor must be one we know where to put; a stray tensor (say, a bias Llama should not have) is
-    refused by name."""
+    """Every tensor must be a floating-point one we know where to put; a stray tensor (say, a bias Llama
+    should not have) is refused by name."""
     pattern = _layer_tensor_pattern(shape.family)
     for name in source.tensors.names():
-        if name in _GLOBAL_TENSORS or name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if not source.tensors.dtype(name).is_floating_point:
+            dtype = str(source.tensors.dtype(name)).removeprefix("torch.")
+            raise MoemergeError(f"{source.label}: tensor {name} is {dtype}; model weights are floating point")
+        if name in _GLOBAL_TENSORS:
             continue
         match = pattern.fullmatch(name)
         if match is None:

@@ -59,6 +59,10 @@ class LoraAdapter:
             match = _KEY.fullmatch(name)
             if match:
                 pairs.setdefault(match.group(1), {})[match.group(2)] = name
+        for name in (n for p in pairs.values() for n in p.values()):
+            if not self.weights.dtype(name).is_floating_point:
+                dtype = self.weights.dtype(name)
+                raise MoemergeError(f"{self.label}: adapter tensor {name} is {dtype}, not floating point")
         incomplete = [m for m, p in pairs.items() if len(p) != 2]
         if incomplete:
             raise MoemergeError(f"{self.label}: adapter {self.path} has lora_A without lora_B for {incomplete[0]}")

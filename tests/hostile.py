@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+
+from tiny_models import make_base, make_expert, make_lora
 
 from moemerge.cli import main
 
@@ -82,3 +85,20 @@ def write_safetensors(file: Path, header: object | str, data: bytes) -> None:
     raw = (header if isinstance(header, str) else json.dumps(header)).encode()
     raw += b" " * (-len(raw) % 8)
     file.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+SOURCES = ("base", "e1", "e2", "lora")
+
+
+def make_sources(root: Path) -> Path:
+    """What hostile-input tests damage copies of: a tiny Llama base, two full experts and a LoRA adapter."""
+    base = make_base(root / "base")
+    make_expert(base, root / "e1", seed=1)
+    make_expert(base, root / "e2", seed=2)
+    make_lora(base, root / "lora", seed=3)
+    return root
+
+
+def copy_sources(masters: Path, dest: Path) -> None:
+    for name in SOURCES:
+        shutil.copytree(masters / name, dest / name)

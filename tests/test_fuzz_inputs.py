@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import run_cli, split_safetensors, write_safetensors
+from hostile import copy_sources, make_sources, run_cli, split_safetensors, write_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from tiny_models import make_base, make_expert, make_lora, read_tensors, write_recipe
+from tiny_models import read_tensors, write_recipe
 
 EXAMPLES = int(os.environ.get("MOEMERGE_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(
@@ -40,11 +40,7 @@ VERIFIED: set[str] = set()  # outputs `verify --deep` accepted, by the sha256 of
 
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fuzz")
-    base = make_base(root / "base")
-    make_expert(base, root / "expert", seed=1)
-    make_lora(base, root / "lora", seed=2)
-    return root
+    return make_sources(tmp_path_factory.mktemp("fuzz"))
 
 
 def json_values() -> st.SearchStrategy:
@@ -68,10 +64,9 @@ def run_case(root: Path, masters: Path, prepare) -> None:
     """Copy the models, let `prepare` damage them, merge, and check the one allowed pair of outcomes."""
     work = Path(tempfile.mkdtemp(dir=root))
     try:
-        for name in ("base", "expert", "lora"):
-            shutil.copytree(masters / name, work / name)
+        copy_sources(masters, work)
         prepare(work)
-        recipe = write_recipe(work / "r.yaml", work / "base", [work / "expert", work / "lora"], gate_mode="random")
+        recipe = write_recipe(work / "r.yaml", work / "base", [work / "e1", work / "lora"], gate_mode="random")
         out = work / "out"
         result = run_cli(recipe, out, "--device", "cpu", "--shard-size", "40KB")
         assert "Traceback" not in result.stderr + result.stdout, result.stderr
@@ -86,7 +81,7 @@ def run_case(root: Path, masters: Path, prepare) -> None:
             assert checked.rc == 0, checked.stderr
             VERIFIED.add(fingerprint.hexdigest())
         written = read_tensors(out)
-        with safe_open(str(work / "expert" / WEIGHTS), framework="pt") as source:  # the library's own reading
+        with safe_open(str(work / "e1" / WEIGHTS), framework="pt") as source:  # the library's own reading
             for layer in range(3):
                 for projection, short in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
                     want = source.get_tensor(f"model.layers.{layer}.mlp.{projection}.weight")
@@ -161,7 +156,7 @@ def test_fuzz_safetensors(masters, tmp_path):
     @given(header_damage())
     def case(edits):
         RAN["safetensors"] = RAN.get("safetensors", 0) + 1
-        run_case(tmp_path, masters, lambda work: damage_weights(work / "expert" / WEIGHTS, edits))
+        run_case(tmp_path, masters, lambda work: damage_weights(work / "e1" / WEIGHTS, edits))
 
     case()
 
@@ -211,7 +206,7 @@ def edit_json(file: Path, changes: dict, dropped: list[str]) -> None:
 
 @FUZZ
 @given(
-    which=st.sampled_from(["base", "expert"]),
+    which=st.sampled_from(["base", "e1"]),
     changes=st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values(), max_size=3),
     dropped=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2),
 )

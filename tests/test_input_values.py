@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,26 +15,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hostile import assert_refused, run_cli, tree
+from hostile import assert_refused, copy_sources, make_sources, run_cli, tree
 from safetensors.torch import load_file, save_file
-from tiny_models import make_base, make_expert, write_recipe
+from tiny_models import write_recipe
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 
 
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("masters")
-    base = make_base(root / "base")
-    make_expert(base, root / "e1", seed=1)
-    make_expert(base, root / "e2", seed=2)
-    return root
+    return make_sources(tmp_path_factory.mktemp("masters"))
 
 
 @pytest.fixture
 def work(masters, tmp_path, monkeypatch) -> Path:
-    for name in ("base", "e1", "e2"):
-        shutil.copytree(masters / name, tmp_path / name)
+    copy_sources(masters, tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hostile import assert_refused, run_cli, split_safetensors, tree, write_safetensors
+from hostile import assert_refused, copy_sources, make_sources, run_cli, split_safetensors, tree, write_safetensors
 from safetensors.torch import load_file, save_file
-from tiny_models import make_base, make_expert, make_lora, write_recipe
+from tiny_models import write_recipe
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -23,17 +23,12 @@ GATE1 = "model.layers.1.mlp.gate_proj.weight"
 
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("masters")
-    base = make_base(root / "base")
-    make_expert(base, root / "expert", seed=1)
-    make_lora(base, root / "lora", seed=2)
-    return root
+    return make_sources(tmp_path_factory.mktemp("masters"))
 
 
 @pytest.fixture
 def work(masters, tmp_path, monkeypatch) -> Path:
-    for name in ("base", "expert", "lora"):
-        shutil.copytree(masters / name, tmp_path / name)
+    copy_sources(masters, tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -113,7 +108,7 @@ def string_shape(h):
 
 
 HEADER_CASES = {
-    "overlap": (overlap, ("tensors", "overlap", "expert/model.safetensors")),
+    "overlap": (overlap, ("tensors", "overlap", "e1/model.safetensors")),
     "negative_offsets": (negative, (UP1, "negative or reversed")),
     "gap": (gap, ("unindexed bytes before tensor extra",)),
     "float_offsets": (float_offsets, (UP1, "not two whole numbers")),
@@ -129,8 +124,8 @@ HEADER_CASES = {
 @pytest.mark.parametrize("name", HEADER_CASES)
 def test_bad_safetensors_header_is_refused(work, name):
     edit, expect = HEADER_CASES[name]
-    edit_header(work / "expert" / WEIGHTS, edit)
-    recipe = write_recipe(work / "r.yaml", work / "base", [work / "expert", work / "lora"], gate_mode="random")
+    edit_header(work / "e1" / WEIGHTS, edit)
+    recipe = write_recipe(work / "r.yaml", work / "base", [work / "e1", work / "lora"], gate_mode="random")
     before = tree(work)
     assert_refused(run_cli(recipe, work / "out"), *expect)
     assert tree(work) == before
@@ -186,7 +181,7 @@ def weight_map_list(folder: Path):
 def config_edit(**changes):
     def edit(folder: Path):
         edit_json(folder / "config.json", **changes)
-        return ("expert/config.json", next(iter(changes)))
+        return ("e1/config.json", next(iter(changes)))
 
     edit.__name__ = "config_" + "_".join(changes)
     return edit
@@ -227,8 +222,8 @@ FOLDER_CASES = [
 
 @pytest.mark.parametrize("edit", FOLDER_CASES, ids=lambda e: e.__name__)
 def test_bad_model_folder_is_refused(work, edit):
-    expect = edit(work / "expert")
-    recipe = write_recipe(work / "r.yaml", work / "base", [work / "expert", work / "lora"], gate_mode="random")
+    expect = edit(work / "e1")
+    recipe = write_recipe(work / "r.yaml", work / "base", [work / "e1", work / "lora"], gate_mode="random")
     before = tree(work)
     assert_refused(run_cli(recipe, work / "out"), *expect)
     assert tree(work) == before
@@ -236,21 +231,21 @@ def test_bad_model_folder_is_refused(work, edit):
 
 def test_architectures_as_a_string_says_so(work):
     edit_json(work / "base" / "config.json", architectures="LlamaForCausalLM")
-    recipe = write_recipe(work / "r.yaml", work / "base", [work / "expert", work / "lora"], gate_mode="random")
+    recipe = write_recipe(work / "r.yaml", work / "base", [work / "e1", work / "lora"], gate_mode="random")
     assert_refused(run_cli(recipe, work / "out"), "base/config.json: architectures: must be a list such as")
 
 
 def test_lora_alpha_nan_is_refused(work):
     config = work / "lora" / "adapter_config.json"
     config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
-    recipe = write_recipe(work / "r.yaml", work / "base", [work / "expert", work / "lora"], gate_mode="random")
+    recipe = write_recipe(work / "r.yaml", work / "base", [work / "e1", work / "lora"], gate_mode="random")
     assert_refused(run_cli(recipe, work / "out"), "adapter_config.json: lora_alpha")
 
 
 @pytest.fixture(scope="module")
 def merged(masters, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("merged")
-    recipe = write_recipe(root / "r.yaml", masters / "base", [masters / "expert", masters / "lora"], gate_mode="random")
+    recipe = write_recipe(root / "r.yaml", masters / "base", [masters / "e1", masters / "lora"], gate_mode="random")
     assert run_cli(recipe, root / "out", "--shard-size", "20KB").rc == 0
     return root / "out"
 

@@ -13,20 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile import assert_refused, run_cli, tree
+from hostile import assert_refused, copy_sources, make_sources, run_cli, tree
 from safetensors.torch import load_file, save_file
-from tiny_models import make_base, make_expert, make_lora, read_tensors, write_recipe
+from tiny_models import read_tensors, write_recipe
 
 UP1 = "model.layers.1.mlp.up_proj.weight"
 
 
 @pytest.fixture(scope="module")
 def masters(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("masters")
-    base = make_base(root / "base")
-    make_expert(base, root / "expert", seed=1)
-    make_lora(base, root / "lora", seed=2)
-    nan = shutil.copytree(root / "expert", root / "nan")
+    root = make_sources(tmp_path_factory.mktemp("masters"))
+    nan = shutil.copytree(root / "e1", root / "nan")
     tensors = load_file(str(nan / "model.safetensors"))
     tensors["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(nan / "model.safetensors"))
@@ -48,9 +45,9 @@ class Work:
 @pytest.fixture
 def work(masters, tmp_path) -> Work:
     models = tmp_path / "models"
-    for name in ("base", "expert", "lora", "nan"):
-        shutil.copytree(masters / name, models / name)
-    return Work(tmp_path, models / "base", models / "expert", models / "lora", models / "nan")
+    copy_sources(masters, models)
+    shutil.copytree(masters / "nan", models / "nan")
+    return Work(tmp_path, models / "base", models / "e1", models / "lora", models / "nan")
 
 
 # Each case: the work folder → (command line after `moemerge`, parts of the error line).
