@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from tiny_models import read_tensors, write_recipe
 
-EXAMPLES = int(os.environ.get("MOEMERGE_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("MOEMERGE_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
