@@ -301,18 +301,21 @@ def models(tmp_path_factory, server) -> Models:
     def lie_shape(header: dict) -> None:  # same bytes, transposed shape: a valid file with a wrong tensor
         header[UP1]["shape"] = [32, 48]
 
-    def drop(header: dict) -> None:
-        del header[DOWN2]
-
     def unknown_dtype(header: dict) -> None:
         header[UP1]["dtype"] = "F8_E9M9"
 
-    for name, edit in [("lying_size", lie_size), ("wrong_shape", lie_shape), ("missing_tensor", drop)]:
+    for name, edit in [("lying_size", lie_size), ("wrong_shape", lie_shape)]:
         edit_header(add(name, copy_of(m.expert, root / name.replace("_", " "))) / weights, edit)
     edit_header(add("unknown_dtype", copy_of(m.expert, root / "unknown dtype")) / weights, unknown_dtype)
 
-    # a sound file whose values are not: found only while the shards are being written
+    # a sound file that lacks a tensor (a header entry dropped with its bytes left in place is a corrupt file)
     tensors = load_file(str(m.expert / weights))
+    save_file(
+        {k: v for k, v in tensors.items() if k != DOWN2},
+        str(add("missing_tensor", copy_of(m.expert, root / "missing tensor")) / weights),
+    )
+
+    # a sound file whose values are not: found only while the shards are being written
     tensors[DOWN2][0, 0] = float("nan")
     save_file(tensors, str(add("nan", copy_of(m.expert, root / "nan")) / weights))
     return m
