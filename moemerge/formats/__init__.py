@@ -65,7 +65,7 @@ def config_tensors(
     for key in (*sizes, output.expert_size_key):
         value = config.get(key)
         if key in config and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise MoemergeError(f"{where}: {key} is {value!r}; a size is a whole number >= 1")
+            raise MoemergeError(f"{where}: a size is not a whole number >= 1 ({key} is {value!r})")
     try:
         implied = config["num_hidden_layers"] * (1 + 3 * output.num_experts(config))
         if max_tensors is not None and implied > max_tensors:
