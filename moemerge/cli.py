@@ -24,8 +24,7 @@ from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.evaluate import evaluate
 from moemerge.hub import check_push_target, push
-from moemerge.interrupt import EXIT_CODE, STOPPED, interrupted
-from moemerge.interrupt import install as install_interrupt
+from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
 from moemerge.merge import MergeSummary, merge, options_from
 from moemerge.prompts import read_dataset_csv, read_prompt_file
 from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
@@ -280,21 +279,21 @@ def _with_default_verb(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    install_interrupt()  # first: a Ctrl-C from here on ends in one line and exit 130
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_time=False, show_path=False)],
-    )
-    try:
-        code = _run(_with_default_verb(sys.argv[1:]))
-    except KeyboardInterrupt:
-        code = EXIT_CODE
-    if code == EXIT_CODE or interrupted():  # typer turns Ctrl-C into 130; one swallowed elsewhere sets the flag
-        err.print(STOPPED, style="red", highlight=False)
-        sys.exit(EXIT_CODE)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    with handling_sigint():  # first: a Ctrl-C from here on ends in one line and exit 130
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(message)s",
+            handlers=[RichHandler(console=err, show_time=False, show_path=False)],
+        )
+        try:
+            code = _run(_with_default_verb(sys.argv[1:]))
+        except KeyboardInterrupt:
+            code = EXIT_CODE
+        if code == EXIT_CODE or interrupted():  # typer turns Ctrl-C into 130; one swallowed elsewhere sets the flag
+            err.print(STOPPED, style="red", highlight=False)
+            sys.exit(EXIT_CODE)
+        if isinstance(code, int) and code:
+            sys.exit(code)
 
 
 def _run(argv: list[str]) -> int | None:

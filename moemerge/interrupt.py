@@ -62,13 +62,23 @@ def _unraisable(hook: Any) -> Any:
     return report
 
 
-def install() -> None:
-    """Route SIGINT through the flag above; call it first thing, before the heavy imports."""
+@contextmanager
+def handling_sigint() -> Iterator[None]:
+    """Route SIGINT through the flag above while the command runs (enter it first thing, before the heavy
+    work); on leaving, the previous handler and hook are back and the flag is cleared, so a later library
+    call in the same process is not stopped by an old Ctrl-C."""
+    previous = signal.getsignal(signal.SIGINT), sys.unraisablehook
     _state["interrupted"] = False
     signal.signal(signal.SIGINT, _on_sigint)
-    sys.unraisablehook = _unraisable(sys.__unraisablehook__)
+    sys.unraisablehook = _unraisable(previous[1])
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        sys.unraisablehook = previous[1]
+        _state["interrupted"] = False
 
 
 def interrupted() -> bool:
-    """Whether a SIGINT arrived since install(), whether or not its KeyboardInterrupt was caught somewhere."""
+    """Whether a SIGINT arrived inside handling_sigint(), whether or not its KeyboardInterrupt was caught somewhere."""
     return _state["interrupted"]

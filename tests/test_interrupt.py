@@ -21,7 +21,7 @@ import pytest
 from hostile import run_cli, tree
 from tiny_models import make_base, write_recipe
 
-from moemerge import interrupt
+from moemerge import MergeOptions, interrupt, merge
 from moemerge.staging import staged_output
 
 MERGE_MODULE = importlib.import_module("moemerge.merge")  # `moemerge.merge` is also the function
@@ -100,16 +100,10 @@ def test_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch):
         signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, in the middle of cleanup
         return real_rmtree(path, *args, **kwargs)
 
-    saved = signal.getsignal(signal.SIGINT), sys.unraisablehook
-    interrupt.install()
-    try:
-        with pytest.raises(KeyboardInterrupt), staged_output(out, force=False) as partial:
-            (partial / "model-00001-of-00002.safetensors").write_bytes(b"half")
-            monkeypatch.setattr(shutil, "rmtree", rmtree_hit_by_ctrl_c)
-            raise KeyboardInterrupt  # the first Ctrl-C
-    finally:
-        signal.signal(signal.SIGINT, saved[0])
-        sys.unraisablehook = saved[1]
+    with interrupt.handling_sigint(), pytest.raises(KeyboardInterrupt), staged_output(out, force=False) as partial:
+        (partial / "model-00001-of-00002.safetensors").write_bytes(b"half")
+        monkeypatch.setattr(shutil, "rmtree", rmtree_hit_by_ctrl_c)
+        raise KeyboardInterrupt  # the first Ctrl-C
     assert list(tmp_path.iterdir()) == []
 
 
@@ -136,6 +130,10 @@ def test_ctrl_c_swallowed_by_a_del_still_stops_the_merge(tmp_path, monkeypatch):
     assert result.rc == 130, result.stderr
     assert result.lines() == ["interrupted: an unfinished merge leaves no output folder"], result.stderr
     assert tree(tmp_path) == before
+    # The command leaves no state behind: a library merge in the same process afterwards is not stopped.
+    monkeypatch.undo()
+    merge(recipe, tmp_path / "later", MergeOptions(device="cpu"))
+    assert (tmp_path / "later" / "config.json").is_file()
 
 
 def test_a_library_import_leaves_sigint_alone():
