@@ -797,7 +797,14 @@ def _check_can_listen(host: str, port: int) -> None:
             raise MoemergeError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
 
-def serve(out: Path, host: str, port: int, device: torch.device, model_name: str | None) -> None:
+def serve(
+    out: Path,
+    host: str,
+    port: int,
+    device: torch.device,
+    model_name: str | None,
+    routing: RequestRouting | None = None,
+) -> None:
     """Load OUT and serve it until SIGINT/SIGTERM; returns normally after a graceful shutdown (exit code 0)."""
     try:
         import fastapi  # noqa: F401
@@ -806,12 +813,12 @@ def serve(out: Path, host: str, port: int, device: torch.device, model_name: str
         raise MoemergeError("moemerge serve needs FastAPI and uvicorn: pip install 'moemerge[serve]'") from None
     log.setLevel(logging.INFO)  # disconnects and shutdowns are worth a line beside uvicorn's access log
     _check_can_listen(host, port)  # before loading the model, which may take minutes
-    engine = Engine.load(out, device)
+    engine = Engine.load(out, device, routing)
     name = model_name or out.resolve().name
     app = create_app(engine, name)
     template = "its chat template" if engine.has_chat_template else "a plain 'role: content' chat template"
     log.info(
-        "serving %s as %r on http://%s:%d/v1 (%s; experts %s; top-%d; context %d tokens; %s)",
+        "serving %s as %r on http://%s:%d/v1 (%s; experts %s; top-%d; %s routing; context %d tokens; %s)",
         out,
         name,
         host,
@@ -819,6 +826,7 @@ def serve(out: Path, host: str, port: int, device: torch.device, model_name: str
         device,
         ", ".join(engine.names),
         engine.top_k,
+        engine.routing.mode if engine.routing.mode == "token" else f"request top-{engine.routing.top_k}",
         engine.context_length,
         template,
     )
