@@ -207,17 +207,18 @@ def eval_command(
     decide_tokens: Annotated[
         int, typer.Option(help="With --ppl: request routing decides from this many first tokens, scores the rest.")
     ] = DECIDE_TOKENS,
+    request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Routing accuracy per expert and per layer on a labelled CSV (top-1 router choice = the label), and per
     request (the request-level decision's first expert = the label)."""
     if decide_tokens < 1:
         raise MoemergeError(f"--decide-tokens {decide_tokens}: must be at least 1")
     model, tokenizer, names = load_moe(out, resolve_device(device))
-    checked_for_cli(RequestRouting("request", request_top_k), names)
+    checked_for_cli(RequestRouting("request", request_top_k, request_mixing), names)
     if not dataset.is_file():
         raise MoemergeError(f"{dataset}: not found")
     labelled = read_dataset_csv(dataset, names)
-    result = evaluate(model, tokenizer, names, labelled, ppl, request_top_k, decide_tokens)
+    result = evaluate(model, tokenizer, names, labelled, ppl, request_top_k, decide_tokens, request_mixing)
     table = Table(title=f"routing accuracy on {dataset.name} (top-1 router choice equals the label)")
     ppl_columns = ["perplexity", f"ppl after {decide_tokens}: token", "request"] if ppl else []
     for column in ("expert", "prompts", "tokens", "accuracy", "request accuracy", *ppl_columns):

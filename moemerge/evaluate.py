@@ -37,6 +37,7 @@ class EvalResult:
     scored_token_perplexity: list[float | None] | None
     request_top_k: int = 1
     decide_tokens: int = DECIDE_TOKENS
+    request_mixing: str = "router"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +55,7 @@ def evaluate(
     with_perplexity: bool = False,
     request_top_k: int = 1,
     decide_tokens: int = DECIDE_TOKENS,
+    request_mixing: str = "router",
 ) -> EvalResult:
     """A token counts as routed correctly in a layer when its highest router logit is its prompt's expert; a
     text, when its request decision's first expert is its label."""
@@ -77,7 +79,7 @@ def evaluate(
             predicted[label] += length
         decided_on = int(routing.real[:decide_tokens].sum())
         if with_perplexity and length >= decide_tokens and decided_on:
-            decision = decide(routing.logits[:, :decided_on], request_top_k)
+            decision = decide(routing.logits[:, :decided_on], request_top_k, request_mixing)
             ids, _ = tokenize(tokenizer, text)
             with restricted(model, decision):
                 losses, _ = next_token_losses(model, ids)
@@ -103,4 +105,5 @@ def evaluate(
         scored_token_perplexity=_perplexities(token_nll, scored) if with_perplexity else None,
         request_top_k=request_top_k,
         decide_tokens=decide_tokens,
+        request_mixing=request_mixing,
     )
