@@ -10,7 +10,7 @@ On the routing benchmark's held-out texts (benchmarks/routing_quality.py), per d
   (moemerge.serve.Engine, greedy): token routing top-2 against request routing top-1, alternating in one run.
 
     python benchmarks/request_routing.py                        # writes benchmarks/results/request_routing.{json,md}
-    python benchmarks/request_routing.py --heldout 4 --rounds 2 # a quick look
+    python benchmarks/request_routing.py --parts speed          # one part; the report is written once all are in
 """
 
 from __future__ import annotations
@@ -136,8 +136,12 @@ def _spread(values: list[float], digits: int = 2) -> str:
 def markdown(results: dict) -> str:
     """The tables the README shows."""
     lines = [
-        f"Command: `{results['command']}`  ",
+        "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + "  ",
         f"Date: {results['date']}; CPU, {results['speed']['threads']} torch thread(s), a shared machine. "
+        f"Trained gates: {results['train_prompts']} labelled prompts per expert, training.max_tokens "
+        f"{results['train_max_tokens']}; peak RSS per part (GiB): "
+        + ", ".join(f"{part} {gib:.1f}" for part, gib in results["peak_rss_gib"].items())
+        + ". "
         f"{results['heldout']} held-out texts per domain; request perplexity decided from the first "
         f"{results['decide_tokens']} tokens, every perplexity scored on the tokens after them. Quality figures are "
         "deterministic (one run); speed: median (min–max) over rounds.",
@@ -170,12 +174,41 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_part(part: str, args: argparse.Namespace) -> dict:
+    """One part of the benchmark: the quality of one gate mode, or the generation speed."""
+    started = time.perf_counter()
+    if part == "speed":
+        merge(ROOT / "examples" / "demo_recipe.yaml", args.workdir / "demo", MergeOptions(force=True, device="cpu"))
+        result = generation_speed(args.workdir / "demo", args.rounds, args.max_tokens)
+    else:
+        base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
+        extra = {}
+        if part == "trained":
+            dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
+            extra = {"dataset_csv": str(dataset), "training": {"max_tokens": args.train_max_tokens}}
+        (args.workdir / f"{part}.yaml").write_text(yaml.safe_dump(recipe(base, part, args.prompts, extra)))
+        merge(args.workdir / f"{part}.yaml", args.workdir / part, MergeOptions(force=True, device="cpu"))
+        result = quality(args.workdir / part, heldout(args.heldout), args.decide_tokens)
+    return {
+        "command": shlex.join(["python", "benchmarks/request_routing.py", *sys.argv[1:]]),
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": time.perf_counter() - started,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("parts", "workdir", "out")},
+        "result": result,
+    }
+
+
+PARTS = ("hidden", "trained", "speed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-request-routing"))
+    parser.add_argument("--parts", default=",".join(PARTS), help="run these now (parts may run in parallel)")
     parser.add_argument("--heldout", type=int, default=12, help="held-out texts per domain")
     parser.add_argument("--prompts", type=int, default=5, help="prompts per expert for hidden gates")
-    parser.add_argument("--train-prompts", type=int, default=40, help="labelled prompts per expert (trained)")
+    parser.add_argument("--train-prompts", type=int, default=20, help="labelled prompts per expert (trained)")
     parser.add_argument("--train-max-tokens", type=int, default=128, help="training.max_tokens for trained gates")
     parser.add_argument("--decide-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="speed rounds per mode")
@@ -185,33 +218,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
-    texts = heldout(args.heldout)
-    dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
-    training = {"max_tokens": args.train_max_tokens}
-    specs = {
-        "hidden": recipe(base, "hidden", args.prompts, {}),
-        "trained": recipe(base, "trained", args.prompts, {"dataset_csv": str(dataset), "training": training}),
-    }
+    for part in [p for p in args.parts.split(",") if p]:
+        if part not in PARTS:
+            parser.error(f"--parts: unknown part {part!r}; use {', '.join(PARTS)}")
+        (args.workdir / f"part-{part}.json").write_text(json.dumps(run_part(part, args), indent=2) + "\n")
+    files = [args.workdir / f"part-{part}.json" for part in PARTS]
+    if not all(f.is_file() for f in files):
+        print(f"parts in {args.workdir}: {', '.join(f.stem for f in files if f.is_file())}; the report needs all")
+        return
+    parts = {part: json.loads(f.read_text()) for part, f in zip(PARTS, files, strict=True)}
     results = {
-        "command": shlex.join(["python", "benchmarks/request_routing.py", *sys.argv[1:]]),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commands": sorted({p["command"] for p in parts.values()}),
+        "date": max(p["finished"] for p in parts.values()),
         "domains": DOMAINS,
-        "heldout": args.heldout,
-        "decide_tokens": args.decide_tokens,
-        "train_prompts": args.train_prompts,
-        "train_max_tokens": args.train_max_tokens,
-        "gates": {},
+        **{k: parts["hidden"]["settings"][k] for k in ("heldout", "decide_tokens")},
+        **{k: parts["trained"]["settings"][k] for k in ("train_prompts", "train_max_tokens")},
+        "gates": {gates: parts[gates]["result"] for gates in ("hidden", "trained")},
+        "speed": parts["speed"]["result"],
+        "peak_rss_gib": {part: p["peak_rss_gib"] for part, p in parts.items()},
     }
-    for gates, spec in specs.items():
-        out = args.workdir / gates
-        (args.workdir / f"{gates}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        merge(args.workdir / f"{gates}.yaml", out, MergeOptions(force=True, device="cpu"))
-        results["gates"][gates] = quality(out, texts, args.decide_tokens)
-        print(json.dumps(results["gates"][gates]["perplexity"]), flush=True)
-    merge(ROOT / "examples" / "demo_recipe.yaml", args.workdir / "demo", MergeOptions(force=True, device="cpu"))
-    results["speed"] = generation_speed(args.workdir / "demo", args.rounds, args.max_tokens)
-    results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)

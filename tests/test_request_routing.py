@@ -115,6 +115,15 @@ def test_router_mixing_among_two_chosen_equals_a_two_expert_moe(moe, keep):
     assert (got - logits_of(model, ids)).abs().max() > 1e-3  # not today's three-expert routing
 
 
+def test_router_mixing_among_all_experts_is_token_routing(moe):
+    """More chosen experts than experts_per_token: the router picks its top-2 and renormalises, as without hooks."""
+    model, _, _ = moe
+    ids = input_ids()
+    with restricted(model, Decision.forced([2, 0, 1], mixing="router")):
+        got = logits_of(model, ids)
+    assert (got - logits_of(model, ids)).abs().max() <= 1e-5
+
+
 def test_fixed_mixing_uses_the_decision_weights_for_every_token(moe):
     """Equal forced weights = a two-expert MoE whose router is all zeros (softmax 1/2, 1/2 everywhere)."""
     model, _, out = moe
