@@ -137,18 +137,27 @@ def markdown(results: dict) -> str:
     """The tables the README shows."""
     lines = [
         "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + "  ",
-        f"Date: {results['date']}; CPU, {results['speed']['threads']} torch thread(s), a shared machine. "
-        f"Trained gates: {results['train_prompts']} labelled prompts per expert, training.max_tokens "
-        f"{results['train_max_tokens']}; peak RSS per part (GiB): "
+        f"Date: {results['date']}; CPU, a shared 2-core machine. Peak RSS per part (GiB): "
         + ", ".join(f"{part} {gib:.1f}" for part, gib in results["peak_rss_gib"].items())
-        + ". "
-        f"{results['heldout']} held-out texts per domain; request perplexity decided from the first "
-        f"{results['decide_tokens']} tokens, every perplexity scored on the tokens after them. Quality figures are "
-        "deterministic (one run); speed: median (min–max) over rounds.",
+        + ". Request perplexity is decided from each text's first tokens (BOS included), every perplexity is "
+        "scored on the tokens after them. Quality figures are deterministic (one run); speed: median (min–max) "
+        "over rounds. Missing parts: " + (", ".join(results["missing"]) or "none") + ".",
         "",
     ]
     for gates, q in results["gates"].items():
-        lines += [f"**{gates} gates** — perplexity per domain (and mean vs oracle), request accuracy (top-1)", ""]
+        settings = results["settings"][gates]
+        lines += [
+            f"**{gates} gates** ({settings['heldout']} held-out texts per domain, decided from the first "
+            f"{settings['decide_tokens']} tokens"
+            + (
+                f"; {settings['train_prompts']} labelled prompts per expert, training.max_tokens "
+                f"{settings['train_max_tokens']}"
+                if gates == "trained"
+                else ""
+            )
+            + ") — perplexity per domain (mean vs oracle), request accuracy (top-1, whole text)",
+            "",
+        ]
         head = ["routing", *DOMAINS, "mean", "vs oracle"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         oracle = sum(q["perplexity"]["oracle"]) / len(DOMAINS)
@@ -165,8 +174,16 @@ def markdown(results: dict) -> str:
             cells = [f"{w:.2f} / {f:.2f}" for w, f in zip(acc["whole"], acc["first"], strict=True)]
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
-    speed = results["speed"]
-    lines += ["**Generation speed** (demo model, greedy, 3 chat questions per round)", ""]
+    speed = results.get("speed")
+    if speed is None:
+        return "\n".join(lines) + "\n"
+    settings = results["settings"]["speed"]
+    lines += [
+        f"**Generation speed** (demo model, `Engine` of `moemerge serve` in-process, greedy, the 3 demo chat "
+        f"questions per round, up to {settings['max_tokens']} tokens each, {speed['threads']} torch thread, "
+        f"{settings['rounds']} rounds alternating the order; tokens/s include the prompt pass and the decision)",
+        "",
+    ]
     lines += ["| routing | tokens/s | completion tokens |", "|---|---|---|"]
     for mode, rates in speed["tokens_per_second"].items():
         lines.append(f"| {mode} | {_spread(rates)} | {_spread(speed['completion_tokens'][mode], 0)} |")
@@ -206,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-request-routing"))
     parser.add_argument("--parts", default=",".join(PARTS), help="run these now (parts may run in parallel)")
+    parser.add_argument("--report", action="store_true", help="only write the report from the parts in --workdir")
     parser.add_argument("--heldout", type=int, default=12, help="held-out texts per domain")
     parser.add_argument("--prompts", type=int, default=5, help="prompts per expert for hidden gates")
     parser.add_argument("--train-prompts", type=int, default=20, help="labelled prompts per expert (trained)")
@@ -218,23 +236,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for part in [p for p in args.parts.split(",") if p]:
+    for part in [p for p in args.parts.split(",") if p and not args.report]:
         if part not in PARTS:
             parser.error(f"--parts: unknown part {part!r}; use {', '.join(PARTS)}")
         (args.workdir / f"part-{part}.json").write_text(json.dumps(run_part(part, args), indent=2) + "\n")
-    files = [args.workdir / f"part-{part}.json" for part in PARTS]
-    if not all(f.is_file() for f in files):
-        print(f"parts in {args.workdir}: {', '.join(f.stem for f in files if f.is_file())}; the report needs all")
+    files = {part: args.workdir / f"part-{part}.json" for part in PARTS}
+    parts = {part: json.loads(f.read_text()) for part, f in files.items() if f.is_file()}
+    if not parts:
         return
-    parts = {part: json.loads(f.read_text()) for part, f in zip(PARTS, files, strict=True)}
     results = {
         "commands": sorted({p["command"] for p in parts.values()}),
         "date": max(p["finished"] for p in parts.values()),
         "domains": DOMAINS,
-        **{k: parts["hidden"]["settings"][k] for k in ("heldout", "decide_tokens")},
-        **{k: parts["trained"]["settings"][k] for k in ("train_prompts", "train_max_tokens")},
-        "gates": {gates: parts[gates]["result"] for gates in ("hidden", "trained")},
-        "speed": parts["speed"]["result"],
+        "missing": [part for part in PARTS if part not in parts],
+        "settings": {part: p["settings"] for part, p in parts.items()},
+        "gates": {gates: parts[gates]["result"] for gates in ("hidden", "trained") if gates in parts},
+        "speed": parts["speed"]["result"] if "speed" in parts else None,
         "peak_rss_gib": {part: p["peak_rss_gib"] for part, p in parts.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
