@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from moemerge.request_routing import RequestRouting, RoutingPlan, decision_text
 from moemerge.routing import EXPERT_COLORS
 from moemerge.serve import Delta, Engine, Finished, RequestError
 
@@ -34,6 +35,9 @@ def expert_bar(routing: dict[str, Any], width: int = 40, which: str = "completio
         bar.append(f"{name} {shares[which]:.2f}", style=style)
         bar.append("  ")
     bar.append(f"(top-{top_k}: shares sum to {top_k})", style="dim")
+    if routing.get("mode") == "request":
+        chosen = ", ".join(f"{name} {weight:.2f}" for name, weight in routing["chosen"].items())
+        bar.append(f"  request → {chosen} ({routing['decided_by']})", style="dim")
     return bar
 
 
@@ -45,12 +49,15 @@ def chat(
     max_tokens: int | None = None,
     seed: int | None = None,
     console: Console | None = None,
+    routing: RequestRouting | None = None,
 ) -> None:
-    """Read a message, stream the answer token by token, show the experts' shares; until /quit or end of input."""
+    """Read a message, stream the answer token by token, show the experts' shares; until /quit or end of input.
+
+    With request routing each answer runs on the experts decided from the conversation's user messages."""
     console = console or Console(highlight=False)
-    engine = Engine.load(out, device)
+    engine = Engine.load(out, device, routing)
     console.print(
-        f"[bold]{out}[/bold]: experts {', '.join(engine.names)} (top-{engine.top_k}), "
+        f"[bold]{out}[/bold]: experts {', '.join(engine.names)} (top-{engine.top_k}, {_routing_line(engine.routing)}), "
         f"context {engine.context_length} tokens"
         + ("" if engine.has_chat_template else "; no chat template, using 'role: content' lines"),
         soft_wrap=True,
@@ -84,19 +91,29 @@ def chat(
         except RequestError as exc:
             console.print(f"[red]error:[/red] {exc.message} (/reset starts over)", soft_wrap=True)
             continue
-        answer, final = _stream_answer(engine, ids, params, console)
+        plan = RoutingPlan(engine.routing, decision_text(messages))
+        answer, final = _stream_answer(engine, ids, params, plan, console)
         history = [*messages, {"role": "assistant", "content": answer}]
         if final is not None:
             note = f"  {final.completion_tokens} tokens, {final.finish_reason}"
             console.print(expert_bar(final.routing).append(note, style="dim"), soft_wrap=True)
 
 
-def _stream_answer(engine: Engine, ids: list[int], params, console: Console) -> tuple[str, Finished | None]:
+def _routing_line(settings: RequestRouting) -> str:
+    if settings.mode == "token":
+        return "token routing"
+    forced = f", forced {', '.join(settings.experts)}" if settings.experts else ""
+    return f"request routing top-{settings.top_k}, {settings.mixing} mixing{forced}"
+
+
+def _stream_answer(
+    engine: Engine, ids: list[int], params, plan: RoutingPlan, console: Console
+) -> tuple[str, Finished | None]:
     """Prints the answer as it is generated; Ctrl-C stops it and keeps what was written."""
     console.print("[bold green]moe ›[/bold green] ", end="")
     pieces: list[str] = []
     final = None
-    steps = engine.generate(ids, params)
+    steps = engine.generate(ids, params, plan)
     try:
         for event in steps:
             if isinstance(event, Delta):

@@ -22,11 +22,12 @@ except ImportError:  # pragma: no cover
 
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
-from moemerge.evaluate import evaluate
+from moemerge.evaluate import DECIDE_TOKENS, evaluate
 from moemerge.hub import check_push_target, push
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
 from moemerge.merge import MergeSummary, merge, options_from
 from moemerge.prompts import read_dataset_csv, read_prompt_file
+from moemerge.request_routing import RequestRouting, checked_for_cli, decide
 from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
 from moemerge.verify import verify
 
@@ -37,6 +38,12 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 DEBUG = {"on": False}
+
+ROUTING_HELP = (
+    "token: every token and layer picks its experts (as built); request: one decision per request from the "
+    "routers' mean probabilities over its text, then only those experts run."
+)
+MIXING_HELP = "With --request-top-k above 1: router (its own pick among the chosen) or fixed (the decision's weights)."
 
 
 class RichBars:
@@ -140,8 +147,10 @@ def route_command(
     file: Annotated[Path | None, typer.Option("--file", help="More prompts, one per line (or JSONL).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    request_top_k: Annotated[int, typer.Option(help="Experts in each prompt's request-level decision.")] = 1,
 ) -> None:
-    """Show which experts each prompt is routed to, per layer, and each expert's share of tokens."""
+    """Show which experts each prompt is routed to, per layer, each expert's share of tokens, and the
+    request-level decision (the routers' mean probabilities over the prompt: what `serve --routing request` runs)."""
     texts = list(prompts or [])
     if file is not None:
         if not file.is_file():
@@ -150,7 +159,9 @@ def route_command(
     if not texts:
         raise MoemergeError("give prompts to route, or --file prompts.txt")
     model, tokenizer, names = load_moe(out, resolve_device(device))
+    checked_for_cli(RequestRouting("request", request_top_k), names)
     results = [(text, route(model, tokenizer, text)) for text in texts]
+    decisions = [decide(r.logits, request_top_k).report(names)["chosen"] for _, r in results]
     if json_output:
         rows = [
             {
@@ -160,8 +171,9 @@ def route_command(
                 "top_expert": names[int(r.shares().argmax())],
                 "layer_top_expert": [names[int(i)] for i in r.layer_top1()],
                 "layer_shares": r.layer_shares().tolist(),
+                "request": {"top_k": request_top_k, "chosen": chosen},
             }
-            for text, r in results
+            for (text, r), chosen in zip(results, decisions, strict=True)
         ]
         print(json.dumps({"experts": names, "top_k": model.config.num_experts_per_tok, "prompts": rows}, indent=2))
         return
@@ -171,13 +183,18 @@ def route_command(
     table.add_column("layers 0→" + str(model.config.num_hidden_layers - 1))
     for name in names:
         table.add_column(name, justify="right")
-    for text, r in results:
-        table.add_row(text.replace("\n", " "), _layer_strip(r), *(f"{v:.2f}" for v in r.shares()))
+    table.add_column(f"request top-{request_top_k}")
+    for (text, r), chosen in zip(results, decisions, strict=True):
+        request = " ".join(f"{name} {weight:.2f}" for name, weight in chosen.items())
+        table.add_row(text.replace("\n", " "), _layer_strip(r), *(f"{v:.2f}" for v in r.shares()), request)
     colors = EXPERT_COLORS
     legend = "  ".join(f"[{colors[i % len(colors)]}]{i % 10}[/]={name}" for i, name in enumerate(names))
     console = Console()
     console.print(table)
-    console.print(f"experts: {legend}; shares are of (layer, token) slots and sum to top-k")
+    console.print(
+        f"experts: {legend}; shares are of (layer, token) slots and sum to top-k; request: the experts "
+        "one decision per prompt picks, with their weights"
+    )
 
 
 @app.command("eval")
@@ -187,23 +204,46 @@ def eval_command(
     ppl: Annotated[bool, typer.Option("--ppl", help="Also measure perplexity on each expert's texts.")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    request_top_k: Annotated[int, typer.Option(help="Experts in each text's request-level decision.")] = 1,
+    decide_tokens: Annotated[
+        int, typer.Option(help="With --ppl: request routing decides from this many first tokens, scores the rest.")
+    ] = DECIDE_TOKENS,
+    request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
-    """Routing accuracy per expert and per layer on a labelled CSV (top-1 router choice = the label)."""
+    """Routing accuracy per expert and per layer on a labelled CSV (top-1 router choice = the label), and per
+    request (the request-level decision's first expert = the label)."""
+    if decide_tokens < 1:
+        raise MoemergeError(f"--decide-tokens {decide_tokens}: must be at least 1")
     model, tokenizer, names = load_moe(out, resolve_device(device))
+    checked_for_cli(RequestRouting("request", request_top_k, request_mixing), names)
     if not dataset.is_file():
         raise MoemergeError(f"{dataset}: not found")
-    result = evaluate(model, tokenizer, names, read_dataset_csv(dataset, names), ppl)
+    labelled = read_dataset_csv(dataset, names)
+    result = evaluate(model, tokenizer, names, labelled, ppl, request_top_k, decide_tokens, request_mixing)
     table = Table(title=f"routing accuracy on {dataset.name} (top-1 router choice equals the label)")
-    for column in ("expert", "prompts", "tokens", "accuracy", *(["perplexity"] if ppl else [])):
+    ppl_columns = ["perplexity", f"ppl after {decide_tokens}: token", "request"] if ppl else []
+    for column in ("expert", "prompts", "tokens", "accuracy", "request accuracy", *ppl_columns):
         table.add_column(column, justify="left" if column == "expert" else "right")
+
+    def cell(value: float | None, digits: int) -> str:
+        return "—" if value is None or value != value else f"{value:.{digits}f}"
+
     for i, name in enumerate(names):
         cells = [name, str(result.prompts[i]), str(result.tokens[i]), f"{result.accuracy[i]:.3f}"]
-        perplexity = result.perplexity[i] if result.perplexity else None
-        table.add_row(*cells, *([f"{perplexity:.2f}" if perplexity else "—"] if ppl else []))
+        cells.append(cell(result.request_accuracy[i], 3))
+        if ppl:
+            perplexities = (result.perplexity, result.scored_token_perplexity, result.request_perplexity)
+            cells += [cell(values[i], 2) for values in perplexities]
+        table.add_row(*cells)
     console = Console()
     console.print(table)
     strip = " ".join(f"{a:.2f}" for a in result.layer_accuracy)
     console.print(f"per layer: {strip}")
+    console.print(
+        f"request accuracy: share of texts whose request-level decision (top-{request_top_k}, mean router "
+        "probability over the text) puts their label first"
+        + (f"; request perplexity: decided from the first {decide_tokens} tokens, scored on the rest" if ppl else "")
+    )
     if json_path is not None:
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
 
@@ -225,11 +265,15 @@ def serve_command(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     model_name: Annotated[str | None, typer.Option(help="Model id clients use (default: OUT's folder name).")] = None,
+    routing: Annotated[str, typer.Option(help=ROUTING_HELP)] = "token",
+    request_top_k: Annotated[int, typer.Option(help="Experts per request with --routing request.")] = 1,
+    request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Serve OUT over an OpenAI-compatible HTTP API whose replies say which experts answered."""
     from moemerge.serve import serve  # FastAPI and uvicorn only for this command
 
-    serve(out, host, port, resolve_device(device), model_name)
+    settings = RequestRouting(routing, request_top_k, request_mixing)
+    serve(out, host, port, resolve_device(device), model_name, settings)
 
 
 @app.command("chat")
@@ -244,11 +288,22 @@ def chat_command(
         int | None, typer.Option(min=1, help="Longest answer (default: the rest of the context).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    routing: Annotated[str, typer.Option(help=ROUTING_HELP)] = "token",
+    request_top_k: Annotated[int | None, typer.Option(help="Experts per request with --routing request.")] = None,
+    request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
+    expert: Annotated[
+        list[str] | None, typer.Option(help="Force this expert for every answer (repeat for more); request routing.")
+    ] = None,
 ) -> None:
     """Chat with OUT in the terminal; after each answer, a bar of the experts' shares."""
     from moemerge.chat import chat
 
-    chat(out, resolve_device(device), system, temperature, max_tokens, seed)
+    forced = tuple(expert or ())
+    if forced and routing == "token":
+        routing = "request"
+    top_k = request_top_k if request_top_k is not None else (len(forced) or 1)
+    settings = RequestRouting(routing, top_k, request_mixing, forced)
+    chat(out, resolve_device(device), system, temperature, max_tokens, seed, routing=settings)
 
 
 def parse_size(text: str) -> int:

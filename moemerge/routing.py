@@ -25,10 +25,20 @@ EXPERT_COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "
 class Routing:
     """Router logits of every layer for the real tokens of one text (BOS and other added specials left out)."""
 
-    logits: torch.Tensor  # [layers, tokens, experts], float32
+    logits: torch.Tensor  # [layers, real tokens, experts], float32
     top_k: int
-    loss: float  # mean next-token negative log-likelihood over the text
-    predicted_tokens: int  # how many next tokens that mean is over (all tokens but the first)
+    token_losses: torch.Tensor  # [tokens - 1]: negative log-likelihood of each next token (all tokens but the first)
+    real: torch.Tensor  # [tokens] bool: which of the text's tokens are real (`logits` holds those, in order)
+
+    @property
+    def predicted_tokens(self) -> int:
+        """How many next tokens `loss` is over (all tokens but the first)."""
+        return len(self.token_losses)
+
+    @property
+    def loss(self) -> float:
+        """Mean next-token negative log-likelihood over the text."""
+        return float(self.token_losses.mean()) if len(self.token_losses) else float("nan")
 
     @property
     def choices(self) -> torch.Tensor:
@@ -56,23 +66,31 @@ class Routing:
         return (self.logits.argmax(dim=-1) == expert).float().mean(dim=1)
 
 
-def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> Routing:
-    """Run the MoE once over `text`; returns router logits of its real tokens and the text's loss."""
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, tokens] input ids with the tokenizer's added specials (BOS), and [tokens] which ones are real text."""
     batch = tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
-    real = ~batch.pop("special_tokens_mask")[0].bool()
-    if not real.any():
-        real = torch.ones_like(real)
-    batch = batch.to(model.device)
+    real = ~batch["special_tokens_mask"][0].bool()
+    return batch["input_ids"], real if real.any() else torch.ones_like(real)
+
+
+def next_token_losses(model: PreTrainedModel, ids: torch.Tensor, **forward: object) -> tuple[torch.Tensor, object]:
+    """[tokens - 1] negative log-likelihood of each next token of ids [1, tokens], and the model's output.
+
+    From the logits, not `labels=`: with router logits on, the model's loss also holds the auxiliary
+    load-balancing term, which is not the text's likelihood."""
     with torch.inference_mode():
-        out = model(**batch, output_router_logits=True, use_cache=False)
+        out = model(input_ids=ids.to(model.device), use_cache=False, **forward)
+    targets = ids[0, 1:].to(model.device)
+    losses = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), targets, reduction="none")
+    return losses.cpu(), out
+
+
+def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> Routing:
+    """Run the MoE once over `text`; returns router logits of its real tokens and the text's token losses."""
+    ids, real = tokenize(tokenizer, text)
+    losses, out = next_token_losses(model, ids, output_router_logits=True)
     logits = torch.stack([layer.float().cpu() for layer in out.router_logits])[:, real]
-    ids = batch["input_ids"][0]
-    predicted = len(ids) - 1
-    # From the logits, not `labels=`: with router logits on, the model's loss also holds the auxiliary
-    # load-balancing term, which is not the text's likelihood.
-    next_token = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[1:])
-    loss = float(next_token) if predicted > 0 else float("nan")
-    return Routing(logits, model.config.num_experts_per_tok, loss, predicted)
+    return Routing(logits, model.config.num_experts_per_tok, losses, real)
 
 
 def expert_names(out: Path, count: int) -> list[str]:

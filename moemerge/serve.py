@@ -12,6 +12,12 @@ Routing, as reported in every reply (`routing` object):
   first generated token). An end-of-sequence token the model generated counts, as in `usage`.
 Each token picks top-k experts per layer, so the shares of all experts sum to top-k, not 1.
 `top_expert` is the expert with the largest completion share (ties: larger prompt share, then lower index).
+
+Request routing (`--routing request` or a request's `routing` object; moemerge/request_routing.py): one decision
+per request, from the routers' mean probabilities over the request's text, then every layer runs only the chosen
+experts for the prompt and every generated token. The shares then count the experts that ran, `top_k` is how
+many ran per token, `top_expert` is the decision's first expert, and `chosen`, `decided_by` and `mixing` say
+what was decided; `routing_duration` includes the decision's router pass. `mode` says which routing decided.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
@@ -19,6 +25,7 @@ Each token picks top-k experts per layer, so the shares of all experts sum to to
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -37,7 +44,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
-from moemerge.routing import load_moe
+from moemerge.request_routing import (
+    Decision,
+    RequestRouting,
+    RoutingPlan,
+    RoutingSettingsError,
+    checked_for_cli,
+    decide,
+    decision_text,
+    experts_run,
+    restricted,
+)
+from moemerge.routing import load_moe, tokenize
 
 log = logging.getLogger("moemerge.serve")
 
@@ -161,8 +179,15 @@ class Engine:
 
     Not thread-safe: callers run one generation at a time (the server serialises requests)."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, names: list[str]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        names: list[str],
+        routing: RequestRouting | None = None,
+    ) -> None:
         self.model, self.tokenizer, self.names = model, tokenizer, names
+        self.routing = checked_for_cli(routing or RequestRouting(), names)  # the default for every request
         config = model.config
         self.top_k = config.num_experts_per_tok
         self.layers = config.num_hidden_layers
@@ -186,8 +211,8 @@ class Engine:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     @classmethod
-    def load(cls, out: Path, device: torch.device) -> "Engine":
-        return cls(*load_moe(out, device))
+    def load(cls, out: Path, device: torch.device, routing: RequestRouting | None = None) -> "Engine":
+        return cls(*load_moe(out, device), routing)
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
@@ -236,17 +261,60 @@ class Engine:
             "context_length_exceeded",
         )
 
+    # -- routing -----------------------------------------------------------------------------------------------
+
+    def request_routing(self, given: dict[str, Any] | None) -> RequestRouting:
+        """The engine's routing with a request's `routing` fields over it; naming experts implies request mode
+        and a top_k of their number."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        if "experts" in given:
+            given = {"mode": "request", "top_k": len(given["experts"]), **given, "experts": tuple(given["experts"])}
+        settings = dataclasses.replace(self.routing, **given)
+        try:
+            if settings.mode == "token" and {"top_k", "mixing"} & set(given):
+                raise RoutingSettingsError("top_k and mixing are for request routing; add mode request", "mode")
+            return settings.checked(self.names)
+        except RoutingSettingsError as exc:
+            raise RequestError(exc.message, f"routing.{exc.field}", "invalid_routing") from None
+
+    def decide(self, plan: RoutingPlan) -> Decision | None:
+        """None for token routing; else the request's experts, forced or from one router pass over its text."""
+        settings = plan.settings
+        if settings.mode == "token":
+            return None
+        if settings.experts:
+            return Decision.forced([self.names.index(n) for n in settings.experts], settings.mixing)
+        started = time.perf_counter()
+        ids, real = tokenize(self.tokenizer, plan.text or " ")
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(self.device), **{**self._forward_args, "use_cache": False})
+        logits = torch.stack([layer.float() for layer in out.router_logits])[:, real.to(self.device)]
+        decision = decide(logits, settings.top_k, settings.mixing)
+        return dataclasses.replace(decision, seconds=time.perf_counter() - started)
+
     # -- generation --------------------------------------------------------------------------------------------
 
-    def generate(self, ids: list[int], params: SamplingParams) -> Iterator[Delta | Finished]:
-        """Decode token by token; yields Delta events, then one Finished. Call check() first."""
+    def generate(
+        self, ids: list[int], params: SamplingParams, routing: RoutingPlan | None = None
+    ) -> Iterator[Delta | Finished]:
+        """Decode token by token; yields Delta events, then one Finished. Call check() first.
+
+        Request routing decides first (inside the generator, so on the caller's generation slot)."""
+        plan = routing or RoutingPlan(self.routing, self.tokenizer.decode(ids, skip_special_tokens=True))
+        decision = self.decide(plan)
+        with restricted(self.model, decision):
+            yield from self._generate(ids, params, decision)
+
+    def _generate(
+        self, ids: list[int], params: SamplingParams, decision: Decision | None
+    ) -> Iterator[Delta | Finished]:
         budget = self.context_length - len(ids)
         max_tokens = min(params.max_tokens or budget, budget)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         cache = _new_cache(self.model.config)
         stream = TextStream(self.tokenizer, params.stop)
-        counts = _RoutingCounts(self.layers, len(self.names), self.top_k, self.device)
+        counts = _RoutingCounts(self.layers, len(self.names), self.top_k, self.device, decision)
         inputs = torch.tensor([ids], device=self.device)
         generated = 0
         finish = "length"
@@ -302,17 +370,21 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
 class _RoutingCounts:
     """Per expert: how many (layer, token) pairs had it in their top-k, for the prompt and for generated tokens."""
 
-    def __init__(self, layers: int, experts: int, top_k: int, device: torch.device) -> None:
-        self.layers, self.top_k = layers, top_k
+    def __init__(
+        self, layers: int, experts: int, top_k: int, device: torch.device, decision: Decision | None = None
+    ) -> None:
+        self.layers, self.top_k, self.decision = layers, top_k, decision
+        self.ran_per_token = top_k  # experts each (layer, token) ran: top_k, or fewer under a request decision
         self.prompt = torch.zeros(experts, dtype=torch.long, device=device)
         self.completion = torch.zeros(experts, dtype=torch.long, device=device)
         self.prompt_tokens = self.completion_tokens = 0
-        self.seconds = 0.0
+        self.seconds = decision.seconds if decision else 0.0
 
     def add(self, router_logits: tuple[torch.Tensor, ...], prompt: bool) -> None:
         start = time.perf_counter()
-        choices = torch.stack(router_logits).float().topk(self.top_k, dim=-1).indices  # [layers, tokens, k]
+        choices = experts_run(self.decision, torch.stack(router_logits).float(), self.top_k)  # [layers, tokens, k]
         experts = self.prompt.numel()
+        self.ran_per_token = choices.shape[-1]
         if prompt:
             self.prompt += torch.bincount(choices.reshape(-1), minlength=experts)
             self.prompt_tokens = choices.shape[1]
@@ -326,11 +398,15 @@ class _RoutingCounts:
         prompt = (self.prompt.cpu().double() / max(1, self.layers * self.prompt_tokens)).tolist()
         completion = (self.completion.cpu().double() / max(1, self.layers * self.completion_tokens)).tolist()
         top = max(range(len(names)), key=lambda i: (completion[i], prompt[i], -i))
+        if self.decision is not None:
+            top = self.decision.experts[0]
         self.seconds += time.perf_counter() - start
         return {
+            "mode": "token" if self.decision is None else "request",
+            **({"decided_by": "router"} if self.decision is None else self.decision.report(names)),
             "experts": {n: {"prompt": p, "completion": c} for n, p, c in zip(names, prompt, completion, strict=True)},
             "top_expert": names[top],
-            "top_k": self.top_k,
+            "top_k": self.ran_per_token,
             "layers": self.layers,
             "routing_duration": self.seconds,
         }
@@ -369,6 +445,16 @@ class Message(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class RoutingBody(_Strict):
+    """A request's `routing` object (moemerge's own field): each value overrides the server's default."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt key would silently route otherwise
+    mode: str | None = None  # "token" or "request"
+    top_k: int | None = None  # experts per request (request mode)
+    mixing: str | None = None  # "router" or "fixed" (request mode, top_k > 1)
+    experts: list[str] | None = None  # force these experts (implies request mode and top_k = their number)
 
 
 # Accepted so that clients sending them get a clear 400 instead of silently different output.
@@ -417,6 +503,7 @@ class _Request(_Strict):
     echo: Any = None
     suffix: Any = None
     response_format: Any = None
+    routing: RoutingBody | None = None
 
     def sampling(self, engine: Engine) -> SamplingParams:
         if self.n != 1:
@@ -488,7 +575,9 @@ class Server:
                 404,
             )
 
-    async def events(self, request, ids: list[int], params: SamplingParams) -> AsyncIterator[Delta | Finished]:
+    async def events(
+        self, request, ids: list[int], params: SamplingParams, routing: RoutingPlan | None = None
+    ) -> AsyncIterator[Delta | Finished]:
         """Waits for the slot, then runs the generation on the worker thread, one token per step.
 
         Between steps it checks whether the client is gone; if so (or if this task is cancelled) the slot is
@@ -499,7 +588,7 @@ class Server:
             await self.lock.acquire()
         finally:
             self.waiting -= 1
-        steps = self.engine.generate(ids, params)
+        steps = self.engine.generate(ids, params, routing)
         produced = 0
         finished = False
         try:
@@ -519,6 +608,10 @@ class Server:
             self.lock.release()
             if not finished:
                 log.info("slot freed: generation stopped after %d text pieces (client gone or shutdown)", produced)
+
+    def routing_plan(self, body: "_Request", text: str) -> RoutingPlan:
+        given = body.routing.model_dump() if body.routing is not None else None
+        return RoutingPlan(self.engine.request_routing(given), text)
 
     def prepare_chat(self, body: ChatRequest) -> tuple[list[int], SamplingParams]:
         self.check_model(body.model)
@@ -597,6 +690,7 @@ def create_app(engine: Engine, model_name: str):
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         ids, params = server.prepare_chat(body)
+        routing = server.routing_plan(body, decision_text(_plain_messages(body.messages)))
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": model_name, "system_fingerprint": None}
         if body.stream:
@@ -608,7 +702,7 @@ def create_app(engine: Engine, model_name: str):
 
             async def stream():
                 yield chunk({"role": "assistant", "content": ""})
-                async with contextlib.aclosing(server.events(request, ids, params)) as events:
+                async with contextlib.aclosing(server.events(request, ids, params, routing)) as events:
                     async for event in events:
                         if isinstance(event, Delta):
                             yield chunk({"content": event.text})
@@ -619,7 +713,7 @@ def create_app(engine: Engine, model_name: str):
                             yield _sse(tail)
 
             return _sse_response(StreamingResponse, stream())
-        final = await _collect(server.events(request, ids, params))
+        final = await _collect(server.events(request, ids, params, routing))
         message = {"role": "assistant", "content": final.text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": final.finish_reason}
         return {**head, "object": "chat.completion", "choices": [choice], **_reply_fields(final)}
@@ -627,6 +721,7 @@ def create_app(engine: Engine, model_name: str):
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         ids, params = server.prepare_completion(body)
+        routing = server.routing_plan(body, body.prompt)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
         if body.stream:
@@ -637,7 +732,7 @@ def create_app(engine: Engine, model_name: str):
                 return _sse({**head, "choices": [choice], **extra})
 
             async def stream():
-                async with contextlib.aclosing(server.events(request, ids, params)) as events:
+                async with contextlib.aclosing(server.events(request, ids, params, routing)) as events:
                     async for event in events:
                         if isinstance(event, Delta):
                             yield chunk(event.text)
@@ -647,7 +742,7 @@ def create_app(engine: Engine, model_name: str):
                             yield _sse({**head, "choices": [], **_reply_fields(event)})
 
             return _sse_response(StreamingResponse, stream())
-        final = await _collect(server.events(request, ids, params))
+        final = await _collect(server.events(request, ids, params, routing))
         choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
         return {**head, "choices": [choice], **_reply_fields(final)}
 
@@ -714,7 +809,14 @@ def _check_can_listen(host: str, port: int) -> None:
             raise MoemergeError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
 
-def serve(out: Path, host: str, port: int, device: torch.device, model_name: str | None) -> None:
+def serve(
+    out: Path,
+    host: str,
+    port: int,
+    device: torch.device,
+    model_name: str | None,
+    routing: RequestRouting | None = None,
+) -> None:
     """Load OUT and serve it until SIGINT/SIGTERM; returns normally after a graceful shutdown (exit code 0)."""
     try:
         import fastapi  # noqa: F401
@@ -723,12 +825,12 @@ def serve(out: Path, host: str, port: int, device: torch.device, model_name: str
         raise MoemergeError("moemerge serve needs FastAPI and uvicorn: pip install 'moemerge[serve]'") from None
     log.setLevel(logging.INFO)  # disconnects and shutdowns are worth a line beside uvicorn's access log
     _check_can_listen(host, port)  # before loading the model, which may take minutes
-    engine = Engine.load(out, device)
+    engine = Engine.load(out, device, routing)
     name = model_name or out.resolve().name
     app = create_app(engine, name)
     template = "its chat template" if engine.has_chat_template else "a plain 'role: content' chat template"
     log.info(
-        "serving %s as %r on http://%s:%d/v1 (%s; experts %s; top-%d; context %d tokens; %s)",
+        "serving %s as %r on http://%s:%d/v1 (%s; experts %s; top-%d; %s routing; context %d tokens; %s)",
         out,
         name,
         host,
@@ -736,6 +838,7 @@ def serve(out: Path, host: str, port: int, device: torch.device, model_name: str
         device,
         ", ".join(engine.names),
         engine.top_k,
+        engine.routing.mode if engine.routing.mode == "token" else f"request top-{engine.routing.top_k}",
         engine.context_length,
         template,
     )

@@ -259,6 +259,15 @@ GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_to
         ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", None),
         ("/v1/completions", {"model": MODEL, "prompt": "a", "logprobs": 2}, 400, "logprobs", None),
         ("/v1/nowhere", GOOD, 404, None, None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "request", "top_k": 0}}, 400, "routing.top_k", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "request", "top_k": 4}}, 400, "routing.top_k", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "sequence"}}, 400, "routing.mode", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "request", "mixing": "x"}}, 400, "routing.mixing", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"experts": ["law", "art"]}}, 400, "routing.experts", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "token", "experts": ["law"]}}, 400, "routing.mode", None),
+        ("/v1/chat/completions", {**GOOD, "routing": {"mode": "token", "top_k": 1}}, 400, "routing.mode", None),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "routing": {"top_k": "1"}}, 400, "routing.top_k", None),
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "routing": {"mod": "request"}}, 400, "routing.mod", None),
     ],
 )
 def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, path, body, status, param, code):
@@ -377,6 +386,107 @@ def test_tokenizer_without_chat_template_gets_role_content_lines(hf):
     expected = tokenizer("user: hi\nassistant: yo\nassistant:", add_special_tokens=True)["input_ids"]
     assert ids == expected
     assert FALLBACK_CHAT_TEMPLATE.startswith("{{ bos_token }}")
+
+
+def _mean_probability_choice(model, tokenizer, text: str) -> int:
+    """The expert with the highest router probability averaged over the text's tokens (BOS left out) and layers."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = torch.stack(model(ids, output_router_logits=True).router_logits)[:, 1:]
+    return int(torch.softmax(logits, dim=-1).mean(dim=(0, 1)).argmax())
+
+
+def test_request_routing_runs_only_the_chosen_expert(client, hf, out):
+    """Top-1 request routing: the reply is the greedy answer of the chosen expert's own dense model."""
+    model, tokenizer = hf
+    question = "what is the law"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": question}]
+    prompt_ids = _chat_ids(tokenizer, messages)
+    dense = [AutoModelForCausalLM.from_pretrained(out.parent / f"e{i}").eval() for i in range(3)]
+    answers = [_greedy(expert, tokenizer, prompt_ids, 24) for expert in dense]
+    assert len({tuple(a) for a in answers}) > 1  # the experts answer differently: the test can tell them apart
+    chosen = _mean_probability_choice(model, tokenizer, question)  # decided on the user's message alone
+    body = {"routing": {"mode": "request", "top_k": 1}}
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body=body
+    )
+    assert reply.choices[0].message.content == tokenizer.decode(answers[chosen], skip_special_tokens=True)
+    routing = reply.routing
+    assert routing["mode"] == "request" and routing["decided_by"] == "router" and routing["mixing"] == "router"
+    assert routing["chosen"] == {NAMES[chosen]: 1.0}
+    assert reply.expert == routing["top_expert"] == NAMES[chosen] and routing["top_k"] == 1
+    assert {n: routing["experts"][n]["completion"] for n in NAMES} == {n: float(n == NAMES[chosen]) for n in NAMES}
+    assert 0 < routing["routing_duration"] < 5
+    for forced in (1, 2):  # forcing an expert: that expert's answer, whatever the router thinks
+        body = {"routing": {"experts": [NAMES[forced]]}}
+        reply = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=24, temperature=0, extra_body=body
+        )
+        assert reply.choices[0].message.content == tokenizer.decode(answers[forced], skip_special_tokens=True)
+        assert reply.routing["decided_by"] == "forced" and reply.routing["chosen"] == {NAMES[forced]: 1.0}
+    token = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert token.routing["mode"] == "token" and "chosen" not in token.routing
+
+
+def test_request_routing_top2_streams_and_reports_the_decision(client, hf):
+    model, tokenizer = hf
+    prompt = "the quick brown fox"
+    body = {"routing": {"mode": "request", "top_k": 2, "mixing": "fixed"}}
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True, extra_body=body)
+    )
+    routing = [c for c in chunks if c.choices and c.choices[0].finish_reason][0].routing
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = torch.stack(model(ids, output_router_logits=True).router_logits)[:, 1:]
+    mean = torch.softmax(logits, dim=-1).mean(dim=(0, 1))
+    top = mean.topk(2)
+    expected = {NAMES[int(i)]: float(v / top.values.sum()) for i, v in zip(top.indices, top.values, strict=True)}
+    assert list(routing["chosen"]) == list(expected)
+    assert routing["chosen"] == pytest.approx(expected)
+    assert routing["mixing"] == "fixed" and routing["top_k"] == 2  # fixed mixing: both experts for every token
+    other = next(n for n in NAMES if n not in expected)
+    assert routing["experts"][other] == {"prompt": 0.0, "completion": 0.0}
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--routing", "sequence"], "--routing"),
+        (["--routing", "request", "--request-top-k", "0"], "--request-top-k"),
+        (["--routing", "request", "--request-top-k", "4"], "--request-top-k"),
+        (["--routing", "request", "--request-mixing", "avg"], "--request-mixing"),
+    ],
+)
+def test_serve_bad_routing_flags_get_one_line_error(out, flags, words):
+    command = [CLI, "serve", str(out), "--port", str(_free_port()), "--device", "cpu", *flags]
+    run = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + words), run.stderr
+
+
+def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
+    from rich.console import Console
+
+    from moemerge.chat import chat
+    from moemerge.request_routing import RequestRouting
+
+    lines = iter(["hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda *_: next(lines))
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    chat(
+        out,
+        torch.device("cpu"),
+        temperature=0,
+        max_tokens=8,
+        console=console,
+        routing=RequestRouting("request", 1, experts=("law",)),
+    )
+    text = console.file.getvalue()
+    assert "request routing top-1" in text and "request → law 1.00 (forced)" in text
+    assert "(top-1: shares sum to 1)" in text
 
 
 def test_sigint_stops_a_running_stream_and_exits_zero(server, client):

@@ -1,0 +1,211 @@
+"""One routing decision per request (the lmoe / Herd / AnyMoE-sequence way), made by the MoE's own routers.
+
+Decision: every router's softmax probabilities, averaged over the request's real tokens and over the MoE
+layers, give one score per expert; the top-k scores are the request's experts, their renormalised scores its
+weights. Generation under the decision: a forward hook on every layer's router (transformers 5's
+`...TopKRouter` modules, which return `(logits, weights, indices)`) replaces the weights and indices, so every
+token in every layer runs only the chosen experts, for the prompt and every generated token:
+- k = 1: exactly the chosen expert's MLP, weight 1 (the dense model made of that expert);
+- mixing "router": the router's own choice among the chosen experts (its logits with the others at -inf, then
+  the family's top-k and renormalisation), at most the model's experts_per_token per token;
+- mixing "fixed" (Herd-style): all chosen experts for every token, with the decision's weights.
+The raw router logits stay the router's first output, so `output_router_logits` still shows what the routers
+would have chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moemerge.errors import MoemergeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+MODES = ("token", "request")
+MIXINGS = ("router", "fixed")
+
+
+class RoutingSettingsError(ValueError):
+    """A bad routing setting; `field` is which one (mode, top_k, mixing, experts), for the caller's wording."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+@dataclass(frozen=True)
+class RequestRouting:
+    """How requests are routed: `token` (every token, every layer, as the model was built) or `request`.
+
+    `experts` forces the named experts (request mode; debugging); `top_k` is how many experts a request gets."""
+
+    mode: str = "token"
+    top_k: int = 1
+    mixing: str = "router"
+    experts: tuple[str, ...] = ()
+
+    def checked(self, names: list[str]) -> RequestRouting:
+        """Itself, or RoutingSettingsError naming the bad field and what is allowed."""
+        if self.mode not in MODES:
+            raise RoutingSettingsError(f"unknown routing mode {self.mode!r}; use token or request", "mode")
+        if self.mixing not in MIXINGS:
+            raise RoutingSettingsError(f"unknown mixing {self.mixing!r}; use router or fixed", "mixing")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(names):
+            raise RoutingSettingsError(
+                f"top_k {self.top_k!r}: a request gets 1 to {len(names)} experts (this model has {len(names)})", "top_k"
+            )
+        unknown = [name for name in self.experts if name not in names]
+        if unknown:
+            raise RoutingSettingsError(f"unknown expert {unknown[0]!r}; this model has {', '.join(names)}", "experts")
+        if len(set(self.experts)) != len(self.experts):
+            raise RoutingSettingsError("an expert is named twice", "experts")
+        if self.experts and self.mode != "request":
+            raise RoutingSettingsError("forcing experts needs routing mode request", "mode")
+        if self.experts and self.top_k != len(self.experts):
+            raise RoutingSettingsError(f"top_k {self.top_k} but {len(self.experts)} experts named", "top_k")
+        return self
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The experts a request runs on, with their weights (sum 1), and who chose them."""
+
+    experts: tuple[int, ...]
+    weights: tuple[float, ...]
+    decided_by: str  # "router" (averaged router probabilities) or "forced" (named in the request)
+    mixing: str = "router"
+    seconds: float = 0.0  # time the decision took
+
+    @classmethod
+    def forced(cls, experts: list[int], mixing: str = "router") -> Decision:
+        """Named experts with equal weights: no router pass."""
+        return cls(tuple(experts), tuple(1 / len(experts) for _ in experts), "forced", mixing)
+
+    def report(self, names: list[str]) -> dict[str, Any]:
+        return {
+            "decided_by": self.decided_by,
+            "mixing": self.mixing,
+            "chosen": {names[e]: w for e, w in zip(self.experts, self.weights, strict=True)},
+        }
+
+
+def request_scores(router_logits: torch.Tensor) -> torch.Tensor:
+    """[layers, tokens, experts] router logits of the request's real tokens → [experts] mean probabilities."""
+    return router_logits.float().softmax(dim=-1).mean(dim=(0, 1))
+
+
+def decide(router_logits: torch.Tensor, top_k: int, mixing: str = "router") -> Decision:
+    """The request's top-k experts by mean router probability; weights are those probabilities renormalised."""
+    started = time.perf_counter()
+    values, indices = request_scores(router_logits).topk(top_k)
+    weights = (values / values.sum()).tolist()
+    return Decision(tuple(indices.tolist()), tuple(weights), "router", mixing, time.perf_counter() - started)
+
+
+def _routers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """Every MoE block's router: the `gate` beside the `experts` of Mixtral, Qwen2-MoE and Qwen3-MoE blocks."""
+    routers = [
+        module.gate
+        for module in model.modules()
+        if hasattr(module, "experts") and isinstance(getattr(module, "gate", None), torch.nn.Module)
+    ]
+    if not routers or any(isinstance(router, torch.nn.Linear) for router in routers):
+        raise MoemergeError(
+            f"request routing needs the router modules of transformers 5 (found none in {type(model).__name__}); "
+            "upgrade transformers"
+        )
+    return routers
+
+
+class _Restriction:
+    """The hook's state: which experts, the -inf mask over the others, the fixed weights."""
+
+    def __init__(self, decision: Decision, experts: int, device: torch.device) -> None:
+        self.decision = decision
+        self.chosen = torch.tensor(decision.experts, device=device)
+        self.weights = torch.tensor(decision.weights, device=device)
+        self.mask = torch.full((experts,), float("-inf"), device=device)
+        self.mask[self.chosen] = 0.0
+
+    def choose(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """[tokens, experts] router logits → (weights, indices), each [tokens, experts run per token]."""
+        tokens = logits.shape[0]
+        if len(self.decision.experts) == 1 or self.decision.mixing == "fixed":
+            weights = self.weights if self.decision.mixing == "fixed" else torch.ones_like(self.weights)
+            return weights.expand(tokens, -1), self.chosen.expand(tokens, -1)
+        probs = (logits.float() + self.mask).softmax(dim=-1)
+        values, indices = probs.topk(min(top_k, len(self.decision.experts)), dim=-1)
+        if renormalize:
+            values = values / values.sum(dim=-1, keepdim=True)
+        return values, indices
+
+    def hook(self, router: torch.nn.Module, _args, output):
+        if not (isinstance(output, tuple) and len(output) == 3):
+            name = type(router).__name__
+            raise MoemergeError(f"{name} does not return (logits, weights, indices); upgrade transformers")
+        logits, weights, _ = output
+        renormalize = getattr(router, "norm_topk_prob", True)  # Mixtral always renormalises; Qwen when configured
+        chosen_weights, indices = self.choose(logits, router.top_k, renormalize)
+        return logits, chosen_weights.to(weights.dtype), indices
+
+
+@contextlib.contextmanager
+def restricted(model: PreTrainedModel, decision: Decision | None) -> Iterator[None]:
+    """Within the block every router of `model` runs only the decision's experts; None changes nothing."""
+    if decision is None:
+        yield
+        return
+    routers = _routers(model)
+    restriction = _Restriction(decision, routers[0].num_experts, routers[0].weight.device)
+    handles = [router.register_forward_hook(restriction.hook) for router in routers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def experts_run(decision: Decision | None, router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[..., k] the experts each (layer, token) ran: the router's top-k, or the decision's choice among its experts.
+
+    Renormalisation does not change which experts run, so it is left out."""
+    if decision is None:
+        return router_logits.topk(top_k, dim=-1).indices
+    restriction = _Restriction(decision, router_logits.shape[-1], router_logits.device)
+    flat = router_logits.reshape(-1, router_logits.shape[-1])
+    _, indices = restriction.choose(flat, top_k, renormalize=False)
+    return indices.reshape(*router_logits.shape[:-1], -1)
+
+
+# The CLI's names for the settings, for one-line errors.
+CLI_FLAGS = {"mode": "--routing", "top_k": "--request-top-k", "mixing": "--request-mixing", "experts": "--expert"}
+
+
+def checked_for_cli(settings: RequestRouting, names: list[str]) -> RequestRouting:
+    """The settings, or a MoemergeError naming the command-line flag to change."""
+    try:
+        return settings.checked(names)
+    except RoutingSettingsError as exc:
+        raise MoemergeError(f"{CLI_FLAGS[exc.field]}: {exc.message}") from None
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """A request's routing settings and the text a request-level decision is made from."""
+
+    settings: RequestRouting
+    text: str = ""
+
+
+def decision_text(messages: list[dict[str, str]]) -> str:
+    """What a chat request is routed on: its user messages (a system prompt is often boilerplate shared by every
+    request, and earlier answers are the model's own); all messages when there is no user message."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return "\n".join(users or [m["content"] for m in messages])
