@@ -35,7 +35,7 @@ COMPILER = re.compile(
     r"^(cc|c\+\+|cpp|c89|c99|gcc|g\+\+|gfortran|clang|clang\+\+|cmake|make|ninja|ld|ld\..*|as|rustc|cargo|nvcc)"
     r"(-[0-9.]+)?$|^.*-(gcc|g\+\+|cpp|gfortran|ld|as)(-[0-9.]+)?$"
 )
-BUILD_LINE = re.compile(r"Building wheel for (\S+)|Running setup\.py install for (\S+)")
+BUILD_LINE = re.compile(r"Building (?:wheel|editable) for (\S+)|Running setup\.py install for (\S+)")
 
 
 def readme_commands() -> dict[str, str]:
@@ -149,6 +149,8 @@ def markdown(result: dict) -> str:
     ]
     for name in COMMANDS:
         runs = [r for r in result["runs"] if r["command"] == name]
+        if not runs:
+            continue
         minutes = [r["seconds"] / 60 for r in runs]
         inner = [r["pytest_seconds"] if name == "test" else r["demo_seconds"] for r in runs]
         inner = [s for s in inner if s is not None]
@@ -192,12 +194,16 @@ def main() -> None:
             run = run_once(name, commands[name], args.workdir)
             print(json.dumps(run), flush=True)
             result["runs"].append(run)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
+            write(result, args.json, args.markdown)  # after every run: a stopped session keeps what it measured
+    print(markdown(result))
+
+
+def write(result: dict, json_path: Path | None, markdown_path: Path | None) -> None:
+    """The JSON of every run so far and the table made from them."""
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        markdown_path.write_text(markdown(result) + "\n")
 
 
 if __name__ == "__main__":
