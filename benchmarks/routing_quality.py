@@ -189,6 +189,9 @@ def methods(chosen: list[str], gate_scales: list[float], dataset: Path) -> list[
     return [method for name in chosen for method in rows[name]]
 
 
+METHODS = ("random", "cheap_embed", "class_mean", "mergekit", "hidden", "trained")
+
+
 def summarise(name: str, runs: list[dict], oracle_mean: float) -> dict:
     """Mean over runs of every figure, and the spread of the headline (mean perplexity vs the oracle)."""
     acc = (
@@ -230,7 +233,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-routing"))
-    parser.add_argument("--methods", default="random,cheap_embed,class_mean,mergekit,hidden,trained")
+    parser.add_argument("--methods", default=",".join(METHODS), help="run order; the table keeps the default order")
     parser.add_argument("--gate-scales", default="3,10,30,100", help="hidden-gate rows")
     parser.add_argument("--runs", type=int, default=3, help="prompt subsets (or seeds) per varying method")
     parser.add_argument("--train-prompts", type=int, default=100, help="labelled prompts per expert (trained)")
@@ -273,15 +276,21 @@ def main() -> None:
         runs.extend(done)
         rows.append(summarise(method.name, done, oracle_mean))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+        order = [m.name for m in methods(list(METHODS), scales, dataset)]
+        rows[2:] = sorted(rows[2:], key=lambda row: order.index(row["method"]))
+        write(args, oracle, rows, runs)  # after every method: a stopped session keeps what it measured
+    print("\n" + (args.markdown.read_text() if args.markdown else table(rows)))
+
+
+def write(args: argparse.Namespace, oracle: list[float], rows: list[dict], runs: list[dict]) -> None:
+    """The JSON of every run so far and the markdown table made from them, headed by command, date, machine."""
     invocation = "python benchmarks/routing_quality.py " + " ".join(sys.argv[1:])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    markdown = f"`{invocation}` — {date}, {machine()}\n\n{table(rows)}\n"
-    print("\n" + markdown)
     if args.json:
         result = {"invocation": invocation, "date": date, "machine": machine(), "domains": DOMAINS}
         args.json.write_text(json.dumps({**result, "oracle": oracle, "rows": rows, "runs": runs}, indent=2) + "\n")
     if args.markdown:
-        args.markdown.write_text(markdown)
+        args.markdown.write_text(f"`{invocation}` — {date}, {machine()}\n\n{table(rows)}\n")
 
 
 if __name__ == "__main__":
