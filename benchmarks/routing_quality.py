@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--gate-scales", default="3,10,30,100", help="hidden-gate rows")
     parser.add_argument("--runs", type=int, default=3, help="prompt subsets (or seeds) per varying method")
     parser.add_argument("--train-prompts", type=int, default=100, help="labelled prompts per expert (trained)")
-    parser.add_argument("--heldout", type=int, default=24, help="held-out texts per domain")
+    parser.add_argument("--heldout", type=int, default=12, help="held-out texts per domain")
     parser.add_argument("--mergekit", default="/tmp/i16a/mkvenv/bin/mergekit-moe")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
@@ -276,7 +276,7 @@ def main() -> None:
         runs.extend(done)
         rows.append(summarise(method.name, done, oracle_mean))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-        order = [m.name for m in methods(list(METHODS), scales, dataset)]
+        order = [m.name for m in methods(list(METHODS), sorted(scales), dataset)]
         rows[2:] = sorted(rows[2:], key=lambda row: order.index(row["method"]))
         write(args, oracle, rows, runs)  # after every method: a stopped session keeps what it measured
     print("\n" + (args.markdown.read_text() if args.markdown else table(rows)))
