@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="prompt subsets (or seeds) per varying method")
     parser.add_argument("--train-prompts", type=int, default=100, help="labelled prompts per expert (trained)")
     parser.add_argument("--heldout", type=int, default=12, help="held-out texts per domain")
-    parser.add_argument("--mergekit", default="/tmp/i16a/mkvenv/bin/mergekit-moe")
+    parser.add_argument("--mergekit", default="mergekit-moe", help="mergekit-moe 0.1.5, in its own venv")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
@@ -258,7 +258,7 @@ def main() -> None:
     dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
     scales = [float(s) for s in args.gate_scales.split(",") if s]
     for method in methods([m for m in args.methods.split(",") if m], scales, dataset):
-        if method.gate_mode is None and not Path(args.mergekit).exists():
+        if method.gate_mode is None and not shutil.which(args.mergekit):
             print(f"skipping {method.name}: {args.mergekit} not found", flush=True)
             continue
         done = []
