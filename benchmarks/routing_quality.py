@@ -1,12 +1,14 @@
 """Routing quality on a real model: SmolLM2-135M + three domain LoRA experts, every gate mode side by side.
 
-For each method the MoE is merged from the same recipe (same 5 prompts per expert for prompt-based gates),
-then scored on held-out text of each domain (files and generated items never seen in training or prompts):
-routing accuracy (top-1 router choice equals the text's domain, all layers, all tokens) and perplexity.
-The oracle is each expert alone (base + its adapter, dense) on its own domain.
+For each method the MoE is merged from the same recipe, then scored on held-out text of each domain (shipped
+texts from files never used for training or prompts): routing accuracy (top-1 router choice equals the
+text's domain, all layers, all tokens) and perplexity. The oracle is each expert alone (base + its adapter,
+dense) on its own domain. Methods whose result depends on a choice are run several times: prompt-based gates
+over prompt subsets (subset k = `short_prompts(domain, 5, seed=k)`), random gates over merge seeds; trained
+gates once (they need ~9 GB and minutes). Writes the JSON of every run and the markdown table of the docs.
 
-    python benchmarks/routing_quality.py                      # all methods, results table
-    python benchmarks/routing_quality.py --methods hidden --gate-scales 1,3,10,30,100
+    python benchmarks/routing_quality.py --json routing.json --markdown routing.md
+    python benchmarks/routing_quality.py --methods hidden --gate-scales 1,3,10,30,100 --runs 5
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import torch
 import yaml
@@ -32,19 +40,23 @@ from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
 from moemerge.evaluate import evaluate  # noqa: E402
+from moemerge.gates import hidden as hidden_gates  # noqa: E402
 from moemerge.lora import LoraAdapter  # noqa: E402
+from moemerge.recipe import Recipe  # noqa: E402
 from moemerge.routing import load_moe  # noqa: E402
 
 ADAPTERS = ROOT / "examples" / "adapters"
+PROMPTS = 5  # short prompts per expert for prompt-based gates
+DEFAULT_SCALE = Recipe.model_fields["gate_scale"].default
 
 
-def recipe(base: Path, gate_mode: str, prompts: int, extra: dict, dense: dict[str, Path] | None = None) -> dict:
-    """The same experts and prompts for every method; mergekit gets full expert folders (its `base+adapter`
-    form fails in mergekit-moe 0.1.5 with "LoRA not merged")."""
+def recipe(base: Path, gate_mode: str, subset: int, extra: dict, dense: dict[str, Path] | None = None) -> dict:
+    """The same experts and prompts for every method (prompt subset ``subset``); mergekit gets full expert
+    folders (its `base+adapter` form fails in mergekit-moe 0.1.5 with "LoRA not merged")."""
     experts = []
     for domain in DOMAINS:
         source = str(dense[domain]) if dense else str(ADAPTERS / domain)
-        entry = {"source_model": source, "positive_prompts": short_prompts(domain, prompts)}
+        entry = {"source_model": source, "positive_prompts": short_prompts(domain, PROMPTS, seed=subset)}
         if not dense:
             entry["name"] = domain
         experts.append(entry)
@@ -120,68 +132,115 @@ def dense_perplexity(base: Path, adapter: Path | None, texts: list[str]) -> floa
     return math.exp(nll / count)
 
 
-def run_moemerge(work: Path, name: str, spec: dict) -> tuple[Path, float]:
+def run_moemerge(work: Path, name: str, spec: dict, seed: int, patches: dict) -> tuple[Path, float]:
+    """Merge in this process (``patches``: module constants to override for an ablation) and time it."""
     (work / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     started = time.perf_counter()
-    merge(work / f"{name}.yaml", work / name, MergeOptions(force=True, device="cpu"))
+    with ExitStack() as stack:
+        for (module, constant), value in patches.items():
+            stack.enter_context(mock.patch.object(module, constant, value))
+        merge(work / f"{name}.yaml", work / name, MergeOptions(force=True, device="cpu", seed=seed))
     return work / name, time.perf_counter() - started
 
 
 def run_mergekit(work: Path, exe: str, spec: dict) -> tuple[Path, float]:
+    """mergekit-moe in its own venv, on the same recipe."""
     (work / "mergekit.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     shutil.rmtree(work / "mergekit", ignore_errors=True)
     started = time.perf_counter()
-    subprocess.run(
-        [
-            exe,
-            str(work / "mergekit.yaml"),
-            str(work / "mergekit"),
-            "--device",
-            "cpu",
-            "--quiet",
-        ],
-        check=True,
-    )
+    subprocess.run([exe, str(work / "mergekit.yaml"), str(work / "mergekit"), "--device", "cpu", "--quiet"], check=True)
     return work / "mergekit", time.perf_counter() - started
 
 
-def table(rows: list[dict], oracle: list[float]) -> str:
-    head = [
-        "method",
-        *(f"acc {d}" for d in DOMAINS),
-        *(f"ppl {d}" for d in DOMAINS),
-        "mean ppl",
-        "vs oracle",
-        "merge s",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    oracle_mean = sum(oracle) / len(oracle)
+@dataclass
+class Method:
+    """One table row: how to merge it, and over what its runs vary."""
+
+    name: str
+    gate_mode: str | None  # None: mergekit-moe's hidden gates
+    extra: dict = field(default_factory=dict)
+    varies: str = "prompts"  # "prompts" (subset k), "seed" (merge seed k) or "once"
+    patches: dict = field(default_factory=dict)
+
+
+def methods(chosen: list[str], gate_scales: list[float], dataset: Path) -> list[Method]:
+    """The rows asked for, in table order."""
+    rows = {
+        "random": [Method("random", "random", varies="seed")],
+        "cheap_embed": [Method("cheap_embed", "cheap_embed")],
+        "class_mean": [
+            Method(
+                "moemerge `hidden`, class means (no discriminant)",
+                "hidden",
+                patches={(hidden_gates, "SHRINKAGE"): 1.0},  # Σ shrunk all the way to the identity
+            )
+        ],
+        "mergekit": [Method("mergekit-moe `hidden` (0.1.5)", None)],
+        "hidden": [
+            Method(
+                f"moemerge `hidden`, gate_scale {scale:g}{' (default)' * (scale == DEFAULT_SCALE)}",
+                "hidden",
+                {"gate_scale": scale},
+            )
+            for scale in gate_scales
+        ],
+        "trained": [Method("moemerge `trained`", "trained", {"dataset_csv": str(dataset)}, varies="once")],
+    }
+    return [method for name in chosen for method in rows[name]]
+
+
+METHODS = ("random", "cheap_embed", "class_mean", "mergekit", "hidden", "trained")
+
+
+def summarise(name: str, runs: list[dict], oracle_mean: float) -> dict:
+    """Mean over runs of every figure, and the spread of the headline (mean perplexity vs the oracle)."""
+    acc = (
+        [sum(r["accuracy"][i] for r in runs) / len(runs) for i in range(len(DOMAINS))]
+        if "accuracy" in runs[0]
+        else None
+    )
+    ppl = [sum(r["perplexity"][i] for r in runs) / len(runs) for i in range(len(DOMAINS))]
+    vs = [100 * (sum(r["perplexity"]) / len(DOMAINS) / oracle_mean - 1) for r in runs]
+    return {"method": name, "runs": len(runs), "accuracy": acc, "perplexity": ppl, "vs_oracle": vs}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: means over runs; the last column's range is over runs."""
+    head = ["method", "runs", *(f"acc {d}" for d in DOMAINS), *(f"ppl {d}" for d in DOMAINS), "mean ppl"]
+    lines = ["| " + " | ".join([*head, "vs oracle (min–max)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for row in rows:
-        ppl = row.get("perplexity") or oracle
-        mean = sum(ppl) / len(ppl)
-        acc = row.get("accuracy")
+        vs = row["vs_oracle"]
+        spread = f" ({min(vs):+.1f}% – {max(vs):+.1f}%)" if len(vs) > 1 else ""
         cells = [
             row["method"],
-            *(f"{a:.2f}" if acc else "—" for a in (acc or DOMAINS)),
-            *(f"{p:.2f}" for p in ppl),
-            f"{mean:.2f}",
-            f"{100 * (mean / oracle_mean - 1):+.1f}%",
-            f"{row.get('seconds', 0):.0f}",
+            str(row["runs"]),
+            *(f"{a:.2f}" if row["accuracy"] else "—" for a in (row["accuracy"] or DOMAINS)),
+            *(f"{x:.2f}" for x in row["perplexity"]),
+            f"{sum(row['perplexity']) / len(DOMAINS):.2f}",
+            f"{sum(vs) / len(vs):+.1f}%{spread}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """CPU model, cores and Python, in one line."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-routing"))
-    parser.add_argument("--methods", default="random,cheap_embed,hidden,trained,mergekit")
-    parser.add_argument("--gate-scales", default="", help="extra hidden-gate runs, e.g. 1,3,30")
-    parser.add_argument("--prompts", type=int, default=5, help="prompts per expert for prompt-based gates")
+    parser.add_argument("--methods", default=",".join(METHODS), help="run order; the table keeps the default order")
+    parser.add_argument("--gate-scales", default="3,10,30,100", help="hidden-gate rows")
+    parser.add_argument("--runs", type=int, default=3, help="prompt subsets (or seeds) per varying method")
     parser.add_argument("--train-prompts", type=int, default=100, help="labelled prompts per expert (trained)")
     parser.add_argument("--heldout", type=int, default=12, help="held-out texts per domain")
-    parser.add_argument("--mergekit", default=str(Path("/work/mkvenv/bin/mergekit-moe")))
+    parser.add_argument("--mergekit", default="mergekit-moe", help="mergekit-moe 0.1.5, in its own venv")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -189,38 +248,49 @@ def main() -> None:
     texts = heldout(args.heldout)
     by_domain = [[t for t, label in texts if label == i] for i in range(len(DOMAINS))]
     oracle = [dense_perplexity(base, ADAPTERS / d, by_domain[i]) for i, d in enumerate(DOMAINS)]
-    rows = [
+    oracle_mean = sum(oracle) / len(oracle)
+    runs: list[dict] = [
         {"method": "oracle (each expert on its domain)", "perplexity": oracle},
         {"method": "base alone", "perplexity": [dense_perplexity(base, None, t) for t in by_domain]},
     ]
-    print(table(rows, oracle), flush=True)
-    methods = [m for m in args.methods.split(",") if m]
-    runs: list[tuple[str, dict | None]] = []
-    for method in methods:
-        if method == "trained":
-            dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
-            runs.append(("trained", recipe(base, "trained", args.prompts, {"dataset_csv": str(dataset)})))
-        elif method == "mergekit":
-            runs.append(("mergekit-moe hidden", None))
-        else:
-            runs.append((method, recipe(base, method, args.prompts, {})))
-    for scale in [float(s) for s in args.gate_scales.split(",") if s]:
-        runs.append((f"hidden, gate_scale {scale:g}", recipe(base, "hidden", args.prompts, {"gate_scale": scale})))
-    for name, spec in runs:
-        if spec is None:
-            if not Path(args.mergekit).exists():
-                print(f"skipping mergekit-moe: {args.mergekit} not found", flush=True)
-                continue
-            spec = recipe(base, "hidden", args.prompts, {}, dense_folders(base, args.workdir))
-            out, seconds = run_mergekit(args.workdir, args.mergekit, spec)
-        else:
-            out, seconds = run_moemerge(args.workdir, name.replace(" ", "_").replace(",", ""), spec)
-        rows.append({"method": name, "seconds": seconds, **score_moe(out, texts)})
-        print(table(rows[-1:], oracle).splitlines()[-1], flush=True)
-    print()
-    print(table(rows, oracle))
+    rows = [summarise(r["method"], [r], oracle_mean) for r in runs]
+    print(table(rows), flush=True)
+    dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
+    scales = [float(s) for s in args.gate_scales.split(",") if s]
+    for method in methods([m for m in args.methods.split(",") if m], scales, dataset):
+        if method.gate_mode is None and not shutil.which(args.mergekit):
+            print(f"skipping {method.name}: {args.mergekit} not found", flush=True)
+            continue
+        done = []
+        for k in range(1 if method.varies == "once" else args.runs):
+            subset, seed = (k, 0) if method.varies == "prompts" else (0, k)
+            if method.gate_mode is None:
+                spec = recipe(base, "hidden", subset, {}, dense_folders(base, args.workdir))
+                out, seconds = run_mergekit(args.workdir, args.mergekit, spec)
+            else:
+                spec = recipe(base, method.gate_mode, subset, method.extra)
+                out, seconds = run_moemerge(args.workdir, method.gate_mode, spec, seed, method.patches)
+            done.append({"method": method.name, "subset": subset, "seed": seed, "seconds": seconds})
+            done[-1].update(score_moe(out, texts))
+            print(json.dumps(done[-1]), flush=True)
+        runs.extend(done)
+        rows.append(summarise(method.name, done, oracle_mean))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        order = [m.name for m in methods(list(METHODS), sorted(scales), dataset)]
+        rows[2:] = sorted(rows[2:], key=lambda row: order.index(row["method"]))
+        write(args, oracle, rows, runs)  # after every method: a stopped session keeps what it measured
+    print("\n" + (args.markdown.read_text() if args.markdown else table(rows)))
+
+
+def write(args: argparse.Namespace, oracle: list[float], rows: list[dict], runs: list[dict]) -> None:
+    """The JSON of every run so far and the markdown table made from them, headed by command, date, machine."""
+    invocation = "python benchmarks/routing_quality.py " + " ".join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
-        args.json.write_text(json.dumps({"domains": DOMAINS, "oracle": oracle, "rows": rows}, indent=2))
+        result = {"invocation": invocation, "date": date, "machine": machine(), "domains": DOMAINS}
+        args.json.write_text(json.dumps({**result, "oracle": oracle, "rows": rows, "runs": runs}, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(f"`{invocation}` — {date}, {machine()}\n\n{table(rows)}\n")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
-"""Deterministic domain text for the built-in example, from files every Debian + Python box has.
+"""Deterministic domain text for the built-in example, from texts shipped in ``examples/texts/``.
 
 Three domains:
 
-* ``python``: source of Python's standard library (top-level ``*.py`` files);
-* ``legal``: licence texts (``/usr/share/common-licenses`` and ``/usr/share/doc/*/copyright``);
+* ``python``: excerpts of Python's standard library (``python.jsonl``);
+* ``legal``: excerpts of licence texts and Debian copyright files (``legal.jsonl``);
 * ``math``: generated arithmetic and word problems with worked answers.
 
-Each domain is split three ways ("train", "prompts", "heldout") by hashing the
-file name (or the generated problem text) into a bucket, so the splits never
-share a source file or a generated item. Identical files under different names
-(e.g. the Boost copyright files) are kept once, so their text cannot leak across
-splits either.
+Each domain is split three ways ("train", "prompts", "heldout"). The shipped texts record their split
+(fixed when they were frozen, by hashing the source file name, so the splits never share a source file);
+math problems are bucketed by hashing the problem text, so the splits never share one. Shipping the texts
+keeps every figure made from them independent of what a machine has installed; ``examples/texts/README.md``
+says where they come from and under which licences.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import random
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -25,6 +25,7 @@ from pathlib import Path
 DOMAINS = ("python", "legal", "math")
 SPLITS = ("train", "prompts", "heldout")
 MAX_CHUNKS_PER_FILE = 8  # per pass over the files, so no single big file dominates a split
+TEXTS = Path(__file__).resolve().parent / "texts"
 
 
 def _bucket(key: str) -> str:
@@ -40,47 +41,14 @@ def _check(domain: str, split: str) -> None:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
-def _dedupe(paths: list[Path]) -> list[Path]:
-    """Drop files whose bytes equal an earlier (sorted) file; only same-size files are read."""
-    by_size: dict[int, list[Path]] = {}
-    for path in paths:
-        by_size.setdefault(path.stat().st_size, []).append(path)
-    keep: list[Path] = []
-    for group in by_size.values():
-        if len(group) == 1:
-            keep.extend(group)
-            continue
-        seen: set[str] = set()
-        for path in group:
-            digest = hashlib.md5(path.read_bytes()).hexdigest()
-            if digest not in seen:
-                seen.add(digest)
-                keep.append(path)
-    return sorted(keep)
-
-
 @cache
-def _python_files() -> dict[str, list[Path]]:
-    """Standard-library modules, bucketed by file name."""
-    stdlib = Path(os.__file__).parent
-    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
-    return _by_bucket(files, lambda p: p.name)
-
-
-@cache
-def _legal_files() -> dict[str, list[Path]]:
-    """Licence files, deduplicated by content and bucketed by their path."""
-    licences = [p for p in Path("/usr/share/common-licenses").glob("*") if p.is_file()]
-    copyrights = [p for p in Path("/usr/share/doc").glob("*/copyright") if p.is_file()]
-    unique = {p.resolve() for p in licences + copyrights}  # symlinks like GPL -> GPL-3
-    return _by_bucket(_dedupe(sorted(unique)), str)
-
-
-def _by_bucket(files: list[Path], key: Callable[[Path], str]) -> dict[str, list[Path]]:
-    """Group sorted files into the three splits by hashed key."""
-    out: dict[str, list[Path]] = {split: [] for split in SPLITS}
-    for path in files:
-        out[_bucket(key(path))].append(path)
+def _documents(domain: str) -> dict[str, list[tuple[str, str]]]:
+    """The shipped (source, text) documents of a file-based domain, by split, in file order."""
+    out: dict[str, list[tuple[str, str]]] = {split: [] for split in SPLITS}
+    with (TEXTS / f"{domain}.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            out[row["split"]].append((row["source"], row["text"]))
     return out
 
 
@@ -105,31 +73,28 @@ def chunk_lines(text: str, chars: int) -> list[str]:
     return [c for c in chunks if c.strip()]
 
 
-def _read(path: Path) -> str:
-    """File text; undecodable bytes replaced rather than failing on odd licences."""
-    return path.read_text(encoding="utf-8", errors="replace")
+def _file_chunks(
+    documents: list[tuple[str, str]], n: int, chars: int, seed: int, per_file: int = MAX_CHUNKS_PER_FILE
+) -> list[str]:
+    """Up to ``n`` chunks from ``documents`` (source, text), chunked lazily in a seeded order.
 
-
-def _file_chunks(files: list[Path], n: int, chars: int, seed: int, per_file: int = MAX_CHUNKS_PER_FILE) -> list[str]:
-    """Up to ``n`` chunks from ``files``, read lazily in a seeded order.
-
-    Each pass takes at most ``per_file`` chunks from every file, so the result
+    Each pass takes at most ``per_file`` chunks from every document, so the result
     mixes many files; later passes take more if ``n`` needs it.
     """
     rng = random.Random(seed)
-    order = list(files)
+    order = list(documents)
     rng.shuffle(order)
-    cache: dict[Path, list[str]] = {}
+    pieces_of: dict[str, list[str]] = {}
     out: list[str] = []
     start = 0
     while len(out) < n:
         added = False
-        for path in order:
-            if path not in cache:
-                pieces = chunk_lines(_read(path), chars)
-                random.Random(f"{seed}:{path}").shuffle(pieces)
-                cache[path] = pieces
-            taken = cache[path][start : start + per_file]
+        for source, text in order:
+            if source not in pieces_of:
+                pieces = chunk_lines(text, chars)
+                random.Random(f"{seed}:{source}").shuffle(pieces)
+                pieces_of[source] = pieces
+            taken = pieces_of[source][start : start + per_file]
             out.extend(taken)
             added = added or bool(taken)
             if len(out) >= n:
@@ -227,8 +192,7 @@ def _texts(domain: str, split: str, n: int, chars: int, seed: int, per_file: int
     _check(domain, split)
     if domain == "math":
         return _math_chunks(split, n, chars, seed)
-    files = _python_files() if domain == "python" else _legal_files()
-    return _file_chunks(files[split], n, chars, seed, per_file)
+    return _file_chunks(_documents(domain)[split], n, chars, seed, per_file)
 
 
 def _python_snippet(chunk: str) -> list[str]:
