@@ -29,12 +29,21 @@ Each output folder is removed (and the removal synced) before its run. Measured 
 The table's prompts/s (hidden gates) is the number of prompts over the extra median wall+sync that hidden
 gates cost over random gates, for the same method and size; it is as noisy as the difference of two medians.
 
+`--baseline DIR` adds the method `baseline`: the same moemerge command run with PYTHONPATH=DIR, another
+source tree of moemerge (e.g. main's, to compare the streamed hidden-state pass with the whole-model one).
+`--gates trained --labelled N` writes a labelled CSV of N prompts (`--labelled-words MIN,MAX` words each)
+and trains on it (`--train-steps`, `--train-layers`). `--size smollm2` measures the real fixture instead:
+SmolLM2-135M (`--smollm2-base`, built by examples/build_base.py) with the three example LoRA adapters,
+prompts and ~300-character labelled texts from examples/domains.py.
+
 Usage (from the repository root, with the project's venv):
 
     python benchmarks/merge_speed.py --size small --repeats 1
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --repeats 3 --json /tmp/bench-1b.json
     python benchmarks/merge_speed.py --size 2b --gates random --methods moemerge
     python benchmarks/merge_speed.py --combine /tmp/bench-1b-random.json /tmp/bench-1b-hidden.json
+    python benchmarks/merge_speed.py --size 1b --gates random,hidden --methods moemerge,baseline --baseline /work/main
+    python benchmarks/merge_speed.py --size smollm2 --gates trained --labelled 360 --methods moemerge
 """
 
 from __future__ import annotations
