@@ -137,12 +137,10 @@ def train_gates(
     train, held = split_prompts(prompt_labels, spec.holdout, spec.seed)
     token_labels = torch.tensor(prompt_labels)[inputs.owners]
     in_train = torch.isin(inputs.owners, torch.tensor(train, dtype=torch.long))
-    scored = ~in_train if held else in_train
     train_share = token_budget * int(in_train.sum()) // max(1, len(token_labels))
     fit_on = sample_tokens(in_train, token_labels, max(1, train_share), spec.seed)
-    score_on = sample_tokens(scored, token_labels, max(1, token_budget - int(fit_on.sum())), spec.seed + 1)
-    if not held:
-        score_on = fit_on
+    held_share = max(1, token_budget - int(fit_on.sum()))
+    score_on = sample_tokens(~in_train, token_labels, held_share, spec.seed + 1) if held else fit_on  # as before
     keep = fit_on | score_on
     fit_labels, score_labels = token_labels[fit_on], token_labels[score_on]
     fit_in_kept, score_in_kept = fit_on[keep], score_on[keep]
