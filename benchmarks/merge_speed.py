@@ -29,17 +29,27 @@ Each output folder is removed (and the removal synced) before its run. Measured 
 The table's prompts/s (hidden gates) is the number of prompts over the extra median wall+sync that hidden
 gates cost over random gates, for the same method and size; it is as noisy as the difference of two medians.
 
+`--baseline DIR` adds the method `baseline`: the same moemerge command run with PYTHONPATH=DIR, another
+source tree of moemerge (e.g. main's, to compare the streamed hidden-state pass with the whole-model one).
+`--gates trained --labelled N` writes a labelled CSV of N prompts (`--labelled-words MIN,MAX` words each)
+and trains on it (`--train-steps`, `--train-layers`). `--size smollm2` measures the real fixture instead:
+SmolLM2-135M (`--smollm2-base`, built by examples/build_base.py) with the three example LoRA adapters,
+prompts and ~300-character labelled texts from examples/domains.py.
+
 Usage (from the repository root, with the project's venv):
 
     python benchmarks/merge_speed.py --size small --repeats 1
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --repeats 3 --json /tmp/bench-1b.json
     python benchmarks/merge_speed.py --size 2b --gates random --methods moemerge
     python benchmarks/merge_speed.py --combine /tmp/bench-1b-random.json /tmp/bench-1b-hidden.json
+    python benchmarks/merge_speed.py --size 1b --gates random,hidden --methods moemerge,baseline --baseline /work/main
+    python benchmarks/merge_speed.py --size smollm2 --gates trained --labelled 360 --methods moemerge
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import os
@@ -57,8 +67,10 @@ import yaml
 
 GIB = 2**30
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
-METHODS = ("moemerge", "mergekit", "copy")
+METHODS = ("moemerge", "baseline", "mergekit", "copy")
 MERGEKIT_VENV = Path("/work/mkvenv/bin/mergekit-moe")
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = "smollm2"  # the real fixture: SmolLM2-135M and the three example LoRA adapters
 
 
 @dataclass(frozen=True)
@@ -189,23 +201,77 @@ def expert_prompts(words: list[str], expert: int, experts: int, count: int) -> l
     ]
 
 
-def write_recipe(
-    path: Path, base: Path, experts: list[Path], gates: str, prompts_per_expert: int, words: list[str]
-) -> Path:
-    """A mergekit-moe recipe: bf16, two experts per token, prompts per expert (unused by random gates)."""
-    recipe = {
-        "base_model": str(base),
+def labelled_prompts(words: list[str], experts: int, count: int, lengths: tuple[int, int]) -> list[tuple[str, int]]:
+    """`count` labelled prompts (expert e's words 80% of the time), `lengths` words each, experts in turn."""
+    rng = random.Random("labelled")
+    pool = words[len(SPECIAL_TOKENS) :]
+    rows = []
+    for i in range(count):
+        expert = i % experts
+        own = pool[expert::experts]
+        length = rng.randint(*lengths)
+        rows.append((" ".join(rng.choice(own if rng.random() < 0.8 else pool) for _ in range(length)), expert))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, int | str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "expert"])
+        writer.writerows(rows)
+    return path
+
+
+@dataclass
+class Inputs:
+    """What a merge reads: base and expert folders, each expert's prompts, and the labelled set."""
+
+    base: Path
+    experts: list[Path]
+    prompts: list[list[str]]
+    labelled: list[tuple[str, int | str]]
+
+
+def synthetic_inputs(args: argparse.Namespace, size: ModelSize) -> Inputs:
+    words = vocabulary(size.vocab)
+    base, experts = ensure_models(args.workdir, size, args.experts)
+    prompts = [expert_prompts(words, i, len(experts), args.prompts) for i in range(len(experts))]
+    labelled = labelled_prompts(words, len(experts), args.labelled, args.labelled_words) if args.labelled else []
+    return Inputs(base, experts, prompts, labelled)
+
+
+def smollm2_inputs(args: argparse.Namespace) -> Inputs:
+    """SmolLM2-135M (built by examples/build_base.py) with the three example adapters; prompts and labelled
+    ~300-character texts of each domain from examples/domains.py."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    from domains import DOMAINS, domain_texts, short_prompts
+
+    per_domain = -(-args.labelled // len(DOMAINS))
+    labelled = [(t, d) for d in DOMAINS for t in domain_texts(d, "train", per_domain, chars=300, seed=1)]
+    prompts = [short_prompts(d, args.prompts) for d in DOMAINS]
+    return Inputs(args.smollm2_base, [ROOT / "examples" / "adapters" / d for d in DOMAINS], prompts, labelled)
+
+
+def write_recipe(path: Path, inputs: Inputs, gates: str, args: argparse.Namespace) -> Path:
+    """A mergekit-moe recipe: bf16, two experts per token, prompts per expert (unused by random gates); for
+    trained gates the labelled set as a CSV and the training settings."""
+    recipe: dict[str, object] = {
+        "base_model": str(inputs.base),
         "gate_mode": gates,
         "dtype": "bfloat16",
         "experts_per_token": 2,
         "experts": [
-            {
-                "source_model": str(folder),
-                "positive_prompts": expert_prompts(words, i, len(experts), prompts_per_expert),
-            }
-            for i, folder in enumerate(experts)
+            {"source_model": str(folder), "name": f"e{i}", "positive_prompts": prompts}
+            for i, (folder, prompts) in enumerate(zip(inputs.experts, inputs.prompts, strict=True))
         ],
     }
+    if gates == "trained":
+        named = [(text, f"e{label}" if isinstance(label, int) else label) for text, label in inputs.labelled]
+        if isinstance(inputs.labelled[0][1], str):
+            for entry, name in zip(recipe["experts"], dict.fromkeys(label for _, label in named), strict=True):
+                entry["name"] = name
+        recipe["dataset_csv"] = str(write_csv(path.with_suffix(".csv"), named))
+        recipe["training"] = {"steps": args.train_steps, "layers": args.train_layers}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
     return path
@@ -263,10 +329,10 @@ def process_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def measure(command: list[str], log: Path, poll_s: float) -> Measurement:
+def measure(command: list[str], log: Path, poll_s: float, env_extra: dict[str, str] | None = None) -> Measurement:
     """Run `command` (output to `log`), polling the memory of its process tree until wait4 reaps it."""
     peak_rss = peak_anon = samples = 0
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
     with log.open("w") as handle:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -284,9 +350,8 @@ def measure(command: list[str], log: Path, poll_s: float) -> Measurement:
     return Measurement(wall, peak_rss, peak_anon, usage.ru_maxrss * 1024, process.returncode, samples)
 
 
-def source_revision() -> str:
+def source_revision(repo: Path) -> str:
     """The moemerge commit being measured, with "+dirty" when moemerge/ has uncommitted changes."""
-    repo = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(
         ["git", "-C", str(repo), "status", "--porcelain", "moemerge"], capture_output=True, text=True
@@ -380,7 +445,7 @@ def find_mergekit(given: str | None) -> Path | None:
 
 
 def merge_command(method: str, tool: Path, recipe: Path, out: Path) -> list[str]:
-    if method == "moemerge":
+    if method in ("moemerge", "baseline"):
         return [str(tool), str(recipe), str(out), "--force"]
     return [str(tool), str(recipe), str(out), "--device", "cpu", "--no-lazy-unpickle"]
 
@@ -390,12 +455,12 @@ def copy_command(source: Path, target: Path) -> list[str]:
 
 
 def run_one(
-    method: str, command: list[str], out: Path, inputs: list[Path], log: Path, poll_s: float
+    method: str, command: list[str], out: Path, inputs: list[Path], log: Path, poll_s: float, env: dict[str, str]
 ) -> tuple[Measurement, float, float | None]:
     """Remove `out`, record input cache residency, run and measure, then time a trailing sync."""
     remove(out)
     cached = cached_fraction(inputs)
-    result = measure(command, log, poll_s)
+    result = measure(command, log, poll_s, env)
     sync_s = timed_sync() if method != "copy" else 0.0
     if result.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
@@ -403,14 +468,15 @@ def run_one(
     return result, sync_s, cached
 
 
-def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools: dict[str, Path]) -> list[RunRecord]:
+def benchmark_gates(args: argparse.Namespace, gates: str, tools: dict[str, Path]) -> list[RunRecord]:
     """All repeats of every method for one gate mode; the merge order alternates between repeats."""
     workdir: Path = args.workdir
-    base, experts = ensure_models(workdir, size, args.experts)
-    recipe_path = workdir / "recipes" / f"{size.name}-{gates}.yaml"
-    recipe = write_recipe(recipe_path, base, experts, gates, args.prompts, vocabulary(size.vocab))
+    given = smollm2_inputs(args) if args.size == SMOLLM2 else synthetic_inputs(args, SIZES[args.size])
+    base, experts = given.base, given.experts
+    recipe = write_recipe(workdir / "recipes" / f"{args.size}-{gates}.yaml", given, gates, args)
     (workdir / "logs").mkdir(exist_ok=True)
-    merges = [m for m in ("moemerge", "mergekit") if m in args.methods]
+    merges = [m for m in ("moemerge", "baseline", "mergekit") if m in args.methods]
+    prompts = len(given.labelled) if gates == "trained" else sum(len(p) for p in given.prompts)
     records: list[RunRecord] = []
     for repeat in range(args.repeats):
         order = merges if repeat % 2 == 0 else merges[::-1]
@@ -422,13 +488,14 @@ def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools
                 command, inputs = copy_command(workdir / "out" / "moemerge", out), [workdir / "out" / "moemerge"]
             else:
                 command, inputs = merge_command(method, tools[method], recipe, out), [base, *experts]
-            log = workdir / "logs" / f"{size.name}-{gates}-{method}-{repeat}.log"
-            revision = source_revision()
-            result, sync_s, cached = run_one(method, command, out, inputs, log, args.poll_ms / 1000)
+            log = workdir / "logs" / f"{args.size}-{gates}-{method}-{repeat}.log"
+            revision = source_revision(args.baseline if method == "baseline" else ROOT)
+            env = {"PYTHONPATH": str(args.baseline if method == "baseline" else ROOT)}
+            result, sync_s, cached = run_one(method, command, out, inputs, log, args.poll_ms / 1000, env)
             record = RunRecord(
                 method,
                 gates,
-                size.name,
+                args.size,
                 repeat,
                 command,
                 result.wall_s,
@@ -441,11 +508,11 @@ def benchmark_gates(args: argparse.Namespace, size: ModelSize, gates: str, tools
                 result.returncode,
                 result.samples,
                 revision,
-                args.prompts * args.experts,
+                prompts,
             )
             records.append(record)
             print(
-                f"{size.name} {gates} {method} #{repeat}: {record.wall_s:.1f} s (+sync {sync_s:.1f}), "
+                f"{args.size} {gates} {method} #{repeat}: {record.wall_s:.1f} s (+sync {sync_s:.1f}), "
                 f"tree RSS {record.peak_tree_rss / GIB:.2f} GiB, single {record.max_single_rss / GIB:.2f} GiB, "
                 f"{record.output_bytes / 1e9:.2f} GB, inputs cached {_percent(cached)}, load {record.loadavg:.1f}, "
                 f"moemerge {revision}",
@@ -468,7 +535,7 @@ def summarize(records: list[RunRecord]) -> list[dict[str, object]]:
     ratio_to_copy compares median wall+sync with the median copy (cp -r + sync) of the same size and gates.
     prompts_per_s, for hidden gates: the prompts divided by the extra median wall+sync over random gates of
     the same method and size (the cost of computing hidden states), when both were run (--combine joins
-    the runs of several invocations).
+    the runs of several invocations); ratio_to_random is the median wall+sync over that of random gates.
     """
     keys = sorted({(r.size, r.gates, r.method) for r in records}, key=lambda k: (k[0], k[1], METHODS.index(k[2])))
     rows: list[dict[str, object]] = []
@@ -491,27 +558,33 @@ def summarize(records: list[RunRecord]) -> list[dict[str, object]]:
             "max_single_rss_gib": max(r.max_single_rss for r in runs) / GIB,
             "output_gb": statistics.median(r.output_bytes for r in runs) / 1e9,
             "ratio_to_copy": statistics.median(totals) / statistics.median(copies) if copies else None,
+            "ratio_to_random": None,
             "prompts_per_s": None,
         }
         random_runs = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, "random", method)]
-        if gates == "hidden" and random_runs and method != "copy":
+        if gates != "random" and random_runs and method != "copy":
             extra = statistics.median(totals) - statistics.median(random_runs)
-            row["prompts_per_s"] = runs[0].prompts / extra if extra > 0 else None
+            row["ratio_to_random"] = statistics.median(totals) / statistics.median(random_runs)
+            row["prompts_per_s"] = runs[0].prompts / extra if extra > 0 and gates == "hidden" else None
         rows.append(row)
     return rows
 
 
 def pair_ratios(records: list[RunRecord]) -> list[dict[str, object]]:
-    """moemerge / mergekit-moe wall+sync, repeat by repeat, and the median of those ratios."""
+    """moemerge / each other merge (today's code as `baseline`, mergekit-moe) wall+sync, repeat by repeat,
+    and the median of those ratios."""
     ratios = []
     for size, gates in sorted({(r.size, r.gates) for r in records}):
         by_repeat: dict[int, dict[str, float]] = {}
         for r in records:
             if (r.size, r.gates) == (size, gates):
                 by_repeat.setdefault(r.repeat, {})[r.method] = r.total_s
-        pairs = [v["moemerge"] / v["mergekit"] for v in by_repeat.values() if {"moemerge", "mergekit"} <= v.keys()]
-        if pairs:
-            ratios.append({"size": size, "gates": gates, "ratios": pairs, "median": statistics.median(pairs)})
+        for other in ("baseline", "mergekit"):
+            pairs = [v["moemerge"] / v[other] for v in by_repeat.values() if {"moemerge", other} <= v.keys()]
+            if pairs:
+                ratios.append(
+                    {"size": size, "gates": gates, "other": other, "ratios": pairs, "median": statistics.median(pairs)}
+                )
     return ratios
 
 
@@ -525,11 +598,13 @@ def markdown(rows: list[dict[str, object]]) -> str:
     """The summary rows as a markdown table."""
     header = (
         "| method | gates | size | runs | median wall s | min–max s | median wall+sync s | peak tree RSS GiB "
-        "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | prompts/s |"
+        "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | ratio to random | prompts/s |"
     )
-    lines = [header, "|" + "---|" * 13]
+    lines = [header, "|" + "---|" * 14]
     for row in rows:
-        method = "copy (cp -r + sync)" if row["method"] == "copy" else row["method"]
+        method = {"copy": "copy (cp -r + sync)", "baseline": "moemerge, whole-model pass (baseline)"}.get(
+            row["method"], row["method"]
+        )
         cells = [
             method,
             row["gates"],
@@ -543,6 +618,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
             _fmt(row["max_single_rss_gib"]),
             _fmt(row["output_gb"]),
             _fmt(row["ratio_to_copy"]),
+            _fmt(row.get("ratio_to_random")),
             _fmt(row["prompts_per_s"], 1),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -551,12 +627,18 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="1b")
+    parser.add_argument("--size", choices=[*sorted(SIZES), SMOLLM2], default="1b")
     parser.add_argument("--gates", default="random,hidden", help="comma-separated gate modes")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: moemerge,mergekit,copy")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--prompts-per-expert", dest="prompts", type=int, default=100)
+    parser.add_argument("--labelled", type=int, default=0, help="labelled prompts in all (trained gates)")
+    parser.add_argument("--labelled-words", default="6,12", help="MIN,MAX words per labelled prompt (synthetic)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-layers", help="comma-separated layers to train (default: all)")
+    parser.add_argument("--baseline", type=Path, help="a moemerge source tree to run as method `baseline`")
+    parser.add_argument("--smollm2-base", type=Path, default=ROOT / "examples" / ".cache" / "smollm2-base")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-bench"))
     parser.add_argument("--moemerge", help="the moemerge command (default: beside this python, else PATH)")
     parser.add_argument("--mergekit", help="the mergekit-moe command (default: PATH, else /work/mkvenv)")
@@ -572,6 +654,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown method {sorted(unknown)[0]}; choose from {', '.join(METHODS)}")
     if "copy" in args.methods and "moemerge" not in args.methods:
         parser.error("copy copies moemerge's output: include moemerge")
+    if "baseline" in args.methods and args.baseline is None:
+        args.methods.remove("baseline")
+    if "trained" in args.gates and not args.labelled:
+        parser.error("trained gates need --labelled N")
+    args.labelled_words = tuple(int(n) for n in args.labelled_words.split(","))
+    args.train_layers = [int(n) for n in args.train_layers.split(",")] if args.train_layers else None
     return args
 
 
@@ -601,7 +689,8 @@ def print_report(records: list[RunRecord], json_path: Path | None, extra: dict[s
     for ratio in ratios:
         listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
         print(
-            f"\nmoemerge / mergekit-moe wall+sync, {ratio['size']} {ratio['gates']}: {ratio['median']:.2f} ({listed})"
+            f"\nmoemerge / {ratio.get('other', 'mergekit')} wall+sync, {ratio['size']} {ratio['gates']}: "
+            f"{ratio['median']:.2f} ({listed})"
         )
     if json_path:
         report = {**extra, "summary": rows, "pair_ratios": ratios, "runs": [asdict(r) for r in records]}
@@ -617,8 +706,9 @@ def main(argv: list[str] | None = None) -> None:
             {"combined": [str(p) for p in args.combine]},
         )
         return
-    size = SIZES[args.size]
     tools = {"moemerge": find_moemerge(args.moemerge)}
+    if "baseline" in args.methods:
+        tools["baseline"] = tools["moemerge"]
     if "mergekit" in args.methods:
         mergekit = find_mergekit(args.mergekit)
         if mergekit is None:
@@ -627,26 +717,28 @@ def main(argv: list[str] | None = None) -> None:
         else:
             tools["mergekit"] = mergekit
     args.workdir.mkdir(parents=True, exist_ok=True)
-    moe = size.moe_params(args.experts)
-    print(
-        f"{size.name}: dense {size.params() / 1e9:.2f}B params, MoE of {args.experts} experts "
-        f"{moe / 1e9:.2f}B ({2 * moe / 1e9:.2f} GB in bf16)",
-        file=sys.stderr,
-        flush=True,
-    )
+    extra: dict[str, object] = {}
+    if args.size != SMOLLM2:
+        size = SIZES[args.size]
+        moe = size.moe_params(args.experts)
+        print(
+            f"{size.name}: dense {size.params() / 1e9:.2f}B params, MoE of {args.experts} experts "
+            f"{moe / 1e9:.2f}B ({2 * moe / 1e9:.2f} GB in bf16)",
+            file=sys.stderr,
+            flush=True,
+        )
+        extra = {"size": asdict(size), "dense_params": size.params(), "moe_params": moe}
     records: list[RunRecord] = []
     for gates in args.gates:
-        records += benchmark_gates(args, size, gates, tools)
+        records += benchmark_gates(args, gates, tools)
     if not args.keep_outputs:
         for method in METHODS:
             shutil.rmtree(args.workdir / "out" / method, ignore_errors=True)
-    extra = {
-        "size": asdict(size),
-        "dense_params": size.params(),
-        "moe_params": moe,
+    extra |= {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tools": {k: str(v) for k, v in tools.items()},
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print_report(records, args.json, extra)
 

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """No transformers progress bars: ours are the ones shown."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -23,7 +24,7 @@ def load_model(path: Path, dtype: torch.dtype | str = "auto", device_map: str | 
     """A causal LM from a local folder, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    _quiet()
+    quiet()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=False)
     return model.eval()
 
@@ -34,7 +35,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
     from moemerge.errors import MoemergeError
 
-    _quiet()
+    quiet()
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, the tokenizers library's own exceptions

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
 from moemerge.gates.hidden import SHRINKAGE, _discriminant
-from moemerge.router_inputs import pad_ready, token_router_inputs
+from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.sources import ModelSource
 
 PROMPTS = [
     ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],
@@ -19,9 +20,16 @@ PROMPTS = [
 ]
 
 
-def _pooled(model, tokenizer, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+def _router_inputs(base, prompts: list[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """moemerge's capture: every real token's router input [layers, tokens, hidden] and its prompt [tokens]."""
+    options = CaptureOptions(torch.device("cpu"), torch.float32, batch_size)
+    inputs = RouterInputs(ModelSource(base, "base"), pad_ready(tiny_tokenizer()), prompts, options, max_tokens=256)
+    return torch.stack(list(inputs.layers())), inputs.owners
+
+
+def _pooled(base, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Mean router input over each prompt's real tokens: [layers, prompts, hidden]."""
-    features, owners = token_router_inputs(model, tokenizer, prompts, batch_size)
+    features, owners = _router_inputs(base, prompts, batch_size)
     return torch.stack([features[:, owners == p].mean(dim=1) for p in range(len(prompts))], dim=1)
 
 
@@ -37,7 +45,6 @@ def test_captured_tensor_is_the_router_input(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", base, [base, base], experts_per_token=1)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    dense = AutoModelForCausalLM.from_pretrained(base).eval()
     tokenizer = pad_ready(tiny_tokenizer())
     prompts = ["abc def", "zz yy xx ww vv", "q"]
 
@@ -50,7 +57,7 @@ def test_captured_tensor_is_the_router_input(tmp_path):
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             moe(**ids)
-        expected, _ = token_router_inputs(dense, tokenizer, [prompt])
+        expected, _ = _router_inputs(base, [prompt])
         for layer, router_input in seen.items():
             tokens = router_input.reshape(ids["input_ids"].shape[1], -1)[1:]  # drop BOS, as the gates do
             torch.testing.assert_close(tokens, expected[layer], atol=1e-5, rtol=1e-5)
@@ -62,10 +69,8 @@ def test_captured_tensor_is_the_router_input(tmp_path):
 def test_padding_does_not_change_router_inputs(tmp_path):
     """A prompt's token router inputs are the same alone or in a padded batch with longer prompts."""
     base = make_base(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    tokenizer = pad_ready(tiny_tokenizer())
-    alone, _ = token_router_inputs(model, tokenizer, ["ab"])
-    batched, owners = token_router_inputs(model, tokenizer, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
+    alone, _ = _router_inputs(base, ["ab"])
+    batched, owners = _router_inputs(base, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
     assert alone.shape[1] == 2  # two real tokens: BOS and padding are left out
     torch.testing.assert_close(alone, batched[:, owners == 0], atol=1e-5, rtol=1e-5)
 
@@ -77,8 +82,7 @@ def test_own_prompts_score_highest_on_own_gate(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", base, specs, experts_per_token=1)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     rows = _gate_rows(tmp_path / "out", 4)
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
-    pooled = _pooled(model, pad_ready(tiny_tokenizer()), [p for group in PROMPTS for p in group])
+    pooled = _pooled(base, [p for group in PROMPTS for p in group])
     labels = torch.tensor([e for e, group in enumerate(PROMPTS) for _ in group])
     logits = torch.einsum("leh,lph->lpe", rows, pooled)
     correct_per_layer = (logits.argmax(dim=-1) == labels).float().mean(dim=1)

@@ -5,24 +5,20 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
 from moemerge.gates.rows import router_rows, warn_parallel
-from moemerge.gates.trained import TrainingReport, train_gates
-from moemerge.hf import load_model, load_tokenizer
+from moemerge.gates.trained import TrainingReport, token_budget, train_gates
+from moemerge.hf import load_tokenizer
 from moemerge.progress import Progress
 from moemerge.prompts import ExpertPrompts
 from moemerge.recipe import Recipe
-from moemerge.router_inputs import pad_ready, token_router_inputs
+from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
 from moemerge.sources import ModelSource
 
 log = logging.getLogger("moemerge")
@@ -55,19 +51,17 @@ def _cpu_has_native_bf16() -> bool:
     return bool(probe and probe())
 
 
-def load_base(base: ModelSource, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    """The dense base, frozen: on CUDA in the output dtype, placed by accelerate (so a base larger than the
-    GPU spills to CPU). On CPU in bfloat16 when the output is bfloat16 and the CPU computes it natively
-    (measured 2.7-3.6x faster than float32 and half the memory), else in float32: emulated half precision
-    is slow, and float16 on CPU loses accuracy."""
+def capture_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the base computes router inputs in: on CUDA the output dtype. On CPU bfloat16 when the
+    output is bfloat16 and the CPU computes it natively (measured 2.7-3.6x faster than float32 and half the
+    memory), else float32: emulated half precision is slow, and float16 on CPU loses accuracy."""
     if device.type == "cuda":
-        return load_model(base.path, dtype, device_map="auto")
-    cpu_dtype = torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32
-    return load_model(base.path, cpu_dtype)
+        return dtype
+    return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32
 
 
 def _release(device: torch.device) -> None:
-    """Return the base model's memory before writing starts (the caller has dropped its reference)."""
+    """Return the capture's memory before writing starts."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -81,32 +75,40 @@ def _cheap_embed(ctx: GateContext, tokenizer, prompts: ExpertPrompts) -> tuple[t
     return prototypes, torch.stack([ctx.base.tensors.load(name).float().norm() for name in norms])
 
 
-def _trained(ctx: GateContext, recipe: Recipe, model, tokenizer, prompts: ExpertPrompts) -> GateResult:
+def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts) -> GateResult:
     """Fit the chosen layers; the others keep hidden-state gates from the same prompts."""
     spec = recipe.training
     texts = [text for text, _ in prompts.labelled]
     labels = [label for _, label in prompts.labelled]
-    advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts))
-    features, owners = token_router_inputs(model, tokenizer, texts, spec.batch_size, spec.max_tokens, advance)
     layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
     bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
     if bad:
         raise MoemergeError(f"training.layers: layer {bad[0]} does not exist; the base has {ctx.num_layers} layers")
-    trained, report = train_gates(features, owners, labels, len(recipe.experts), spec)
-    del features
+    options = _capture_options(ctx, spec.batch_size)
+    inputs = RouterInputs(ctx.base, tokenizer, texts, options, spec.max_tokens)
+    advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts) * (max(layers) + 1))
+    trained, report = train_gates(
+        inputs, labels, len(recipe.experts), spec, layers, token_budget(ctx.hidden_size), advance
+    )
     rows = torch.zeros(ctx.num_layers, len(recipe.experts), ctx.hidden_size)
     rows[layers] = trained
     untrained = [layer for layer in range(ctx.num_layers) if layer not in layers]
     if untrained:
-        prototypes, token_norm = hidden_prototypes(model, tokenizer, prompts.positive, prompts.negative, ctx.batch_size)
+        prototypes, token_norm = hidden_prototypes(
+            ctx.base, tokenizer, prompts.positive, prompts.negative, _capture_options(ctx, ctx.batch_size)
+        )
         rows[untrained] = router_rows(prototypes, token_norm, recipe.gate_scale)[untrained]
     for layer, accuracy in zip(report.trained_layers, report.layer_accuracy, strict=True):
         log.info(f"layer {layer}: held-out routing accuracy {accuracy:.3f}")
     return GateResult(rows, report)
 
 
+def _capture_options(ctx: GateContext, batch_size: int) -> CaptureOptions:
+    return CaptureOptions(ctx.device, capture_dtype(ctx.device, ctx.dtype), batch_size)
+
+
 def compute_gates(recipe: Recipe, prompts: ExpertPrompts, ctx: GateContext) -> GateResult:
-    """Router weights for every layer; the base model is freed before this returns."""
+    """Router weights for every layer; the capture's memory is freed before this returns."""
     if recipe.gate_mode in ("random", "uniform_random"):
         return GateResult(
             random_gates(recipe.gate_mode, ctx.num_layers, len(recipe.experts), ctx.hidden_size, ctx.seed)
@@ -115,17 +117,15 @@ def compute_gates(recipe: Recipe, prompts: ExpertPrompts, ctx: GateContext) -> G
     if recipe.gate_mode == "cheap_embed":
         prototypes, token_norm = _cheap_embed(ctx, tokenizer, prompts)
     else:
-        model = load_base(ctx.base, ctx.device, ctx.dtype)
         try:
             if recipe.gate_mode == "trained":
-                return _trained(ctx, recipe, model, tokenizer, prompts)
-            total = sum(len(g) for g in (*prompts.positive, *prompts.negative))
+                return _trained(ctx, recipe, tokenizer, prompts)
+            total = sum(len(g) for g in (*prompts.positive, *prompts.negative)) * ctx.num_layers
             advance = ctx.progress.task(f"hidden states on {ctx.device.type}", total)
             prototypes, token_norm = hidden_prototypes(
-                model, tokenizer, prompts.positive, prompts.negative, ctx.batch_size, advance
+                ctx.base, tokenizer, prompts.positive, prompts.negative, _capture_options(ctx, ctx.batch_size), advance
             )
         finally:
-            del model
             _release(ctx.device)
     rows = router_rows(prototypes, token_norm, recipe.gate_scale)
     warn_parallel(rows, recipe.expert_names())

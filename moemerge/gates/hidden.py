@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moemerge.router_inputs import token_router_inputs
+from moemerge.router_inputs import CaptureOptions, RouterInputs
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
+
+    from moemerge.sources import ModelSource
 
 SHRINKAGE = 0.5
 MAX_TOKENS = 256
@@ -56,31 +58,33 @@ def _mean_or_zero(rows: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_prototypes(
-    model: PreTrainedModel,
+    base: ModelSource,
     tokenizer: PreTrainedTokenizerBase,
     positive: Sequence[Sequence[str]],
     negative: Sequence[Sequence[str]],
-    batch_size: int,
+    options: CaptureOptions,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer and expert, the discriminant direction of (positive − negative prompts' mean router input).
 
-    All prompts of all experts go through the model together, batched by length; token router inputs stay
-    on the model's device. Also returns the mean router-input norm per layer, which sets the gate scale.
+    All prompts of all experts go through the base together, batched by length, one layer at a time; each
+    layer's token router inputs are reduced to its rows before the next layer's are computed. Also returns
+    the mean router-input norm per layer, which sets the gate scale.
     """
     flat = [p for group in (*positive, *negative) for p in group]
     groups = [e for e, group in enumerate(positive) for _ in group]
     groups += [-1 - e for e, group in enumerate(negative) for _ in group]
-    features, owners = token_router_inputs(model, tokenizer, flat, batch_size, MAX_TOKENS, on_batch)
-    token_group = torch.tensor(groups, device=owners.device)[owners]
+    inputs = RouterInputs(base, tokenizer, flat, options, MAX_TOKENS)
+    token_group = torch.tensor(groups, device=options.device)[inputs.owners.to(options.device)]
     experts = len(positive)
     is_positive = token_group >= 0
-    rows = []
-    for layer in features:
+    rows, norms = [], []
+    for layer in inputs.layers(on_batch=on_batch):
         # An expert with negative prompts only has no positive mean: its row comes from the negatives alone.
         means = torch.stack([_mean_or_zero(layer[token_group == e]) for e in range(experts)])
         for e, group in enumerate(negative):
             if group:
                 means[e] -= layer[token_group == -1 - e].mean(dim=0)
         rows.append(_discriminant(layer[is_positive], token_group[is_positive], means))
-    return torch.stack(rows).cpu(), features.norm(dim=-1).mean(dim=1).cpu()
+        norms.append(layer.norm(dim=-1).mean())
+    return torch.stack(rows).cpu(), torch.stack(norms).cpu()

@@ -6,18 +6,31 @@ equally whatever their token counts), fitted with AdamW on random token batches.
 the layer's mean router-input norm while fitting so one learning rate suits every layer; the fitted
 weights are divided by the same norm afterwards. A held-out share of prompts (stratified per expert) is
 kept out of fitting and reported.
+
+Memory does not grow with the labelled set: each layer is fitted while the base is streamed through it, on
+at most FEATURE_BUDGET bytes of float32 router inputs (tokens sampled across the whole set, stratified per
+expert). That is every token of a few thousand typical prompts, and far more distinct tokens than the
+fitting draws batches from.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from moemerge.recipe import TrainingSpec
+from moemerge.router_inputs import RouterInputs
 
 TOKENS_PER_STEP = 4096
+FEATURE_BUDGET = 256 * 2**20  # bytes of one layer's captured router inputs (float32)
+
+
+def token_budget(hidden: int) -> int:
+    """How many tokens' router inputs of one layer fit FEATURE_BUDGET."""
+    return max(1, FEATURE_BUDGET // (4 * hidden))
 
 
 @dataclass
@@ -86,34 +99,67 @@ def token_accuracy(
     return per_layer, per_expert
 
 
+def sample_tokens(candidates: torch.Tensor, labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    """At most `limit` of the `candidates` [tokens, bool], drawn at random across the whole set and stratified
+    per expert (each expert keeps its share of the candidates): all of them when they fit."""
+    if int(candidates.sum()) <= limit:
+        return candidates.clone()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.zeros_like(candidates)
+    total = int(candidates.sum())
+    for expert in labels[candidates].unique().tolist():
+        members = torch.nonzero(candidates & (labels == expert)).squeeze(1)
+        share = max(1, len(members) * limit // total)
+        chosen[members[torch.randperm(len(members), generator=generator)[:share]]] = True
+    return chosen
+
+
 def train_gates(
-    features: torch.Tensor,
-    owners: torch.Tensor,
+    inputs: RouterInputs,
     prompt_labels: list[int],
     num_experts: int,
     spec: TrainingSpec,
+    layers: list[int],
+    token_budget: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, TrainingReport]:
-    """Fit gates for spec.layers (all by default) on the training prompts; score them on the held-out ones.
+    """Fit gates for `layers` on the training prompts; score them on the held-out ones.
 
-    Returns rows for the trained layers only, [len(trained layers), experts, hidden].
+    Each layer is fitted as soon as its router inputs are captured and they are dropped before the next
+    layer's come, so memory holds one layer's tokens, at most `token_budget` of them (sampled once, the same
+    tokens in every layer). Fitting a layer alone gives the same weights as fitting all at once: the loss is
+    a sum over layers and AdamW's update is elementwise. Returns rows for `layers` only, [len(layers),
+    experts, hidden].
     """
     started = time.perf_counter()
-    layers = spec.layers if spec.layers is not None else list(range(features.shape[0]))
     train, held = split_prompts(prompt_labels, spec.holdout, spec.seed)
-    token_labels = torch.tensor(prompt_labels, device=features.device)[owners]
-    in_train = torch.isin(owners, torch.tensor(train, device=owners.device))
-    chosen = features[layers]
-    rows = fit_gates(chosen[:, in_train], token_labels[in_train], num_experts, spec)
-    scored = ~in_train if held else in_train
-    per_layer, per_expert = token_accuracy(rows, chosen[:, scored], token_labels[scored], num_experts)
+    token_labels = torch.tensor(prompt_labels)[inputs.owners]
+    in_train = torch.isin(inputs.owners, torch.tensor(train, dtype=torch.long))
+    train_share = token_budget * int(in_train.sum()) // max(1, len(token_labels))
+    fit_on = sample_tokens(in_train, token_labels, max(1, train_share), spec.seed)
+    held_share = max(1, token_budget - int(fit_on.sum()))
+    score_on = sample_tokens(~in_train, token_labels, held_share, spec.seed + 1) if held else fit_on  # as before
+    keep = fit_on | score_on
+    fit_labels, score_labels = token_labels[fit_on], token_labels[score_on]
+    fit_in_kept, score_in_kept = fit_on[keep], score_on[keep]
+    device = inputs.options.device
+    fitted: dict[int, tuple[torch.Tensor, float, list[float]]] = {}
+    for layer, features in enumerate(inputs.layers(max(layers) + 1, keep, on_batch)):
+        if layer not in layers:
+            continue
+        row = fit_gates(features[None, fit_in_kept.to(device)], fit_labels.to(device), num_experts, spec)
+        accuracy, expert_accuracy = token_accuracy(
+            row, features[None, score_in_kept.to(device)], score_labels.to(device), num_experts
+        )
+        fitted[layer] = row[0], accuracy[0], expert_accuracy
     report = TrainingReport(
         layers,
-        per_layer,
-        per_expert,
+        [fitted[layer][1] for layer in layers],
+        torch.tensor([fitted[layer][2] for layer in layers]).nanmean(dim=0).tolist(),
         len(train),
         len(held),
-        int(in_train.sum()),
-        int((~in_train).sum()),
+        int(fit_on.sum()),
+        int(score_on.sum()) if held else 0,
         time.perf_counter() - started,
     )
-    return rows, report
+    return torch.stack([fitted[layer][0] for layer in layers]), report
