@@ -114,6 +114,11 @@ def sample_tokens(candidates: torch.Tensor, labels: torch.Tensor, limit: int, se
     return chosen
 
 
+def _mean_over_layers(per_layer: list[list[float | None]]) -> list[float | None]:
+    """Each expert's accuracy averaged over layers; None where the expert had no scored tokens."""
+    return [None if column[0] is None else sum(column) / len(column) for column in zip(*per_layer, strict=True)]
+
+
 def train_gates(
     inputs: RouterInputs,
     prompt_labels: list[int],
@@ -143,7 +148,7 @@ def train_gates(
     fit_labels, score_labels = token_labels[fit_on], token_labels[score_on]
     fit_in_kept, score_in_kept = fit_on[keep], score_on[keep]
     device = inputs.options.device
-    fitted: dict[int, tuple[torch.Tensor, float, list[float]]] = {}
+    fitted: dict[int, tuple[torch.Tensor, float, list[float | None]]] = {}
     for layer, features in enumerate(inputs.layers(max(layers) + 1, keep, on_batch)):
         if layer not in layers:
             continue
@@ -155,7 +160,7 @@ def train_gates(
     report = TrainingReport(
         layers,
         [fitted[layer][1] for layer in layers],
-        torch.tensor([fitted[layer][2] for layer in layers]).nanmean(dim=0).tolist(),
+        _mean_over_layers([fitted[layer][2] for layer in layers]),
         len(train),
         len(held),
         int(fit_on.sum()),
