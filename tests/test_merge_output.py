@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import (
+    assert_same_logits,
     input_ids,
     load_model,
     logits_of,
@@ -212,8 +213,7 @@ def test_copies_of_base_give_base_logits(tmp_path, bases, family, gate_mode):
     assert moe.config.num_local_experts == 3 and moe.config.num_experts_per_tok == 2
     dense = load_model(base)
     ids = input_ids()
-    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
-    assert diff <= 1e-4, f"{family}/{gate_mode}: max abs logit diff {diff}"
+    assert_same_logits(moe, dense, ids, f"{family}/{gate_mode}")
     # Greedy decoding follows the same path.
     prompt = ids[:1, :8]
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -235,9 +235,7 @@ def test_tied_base_gets_explicit_lm_head_and_same_logits(tmp_path, bases):
 
     moe, dense = load_model(tmp_path / "out"), load_model(base)
     assert isinstance(moe, MixtralForCausalLM)
-    ids = input_ids()
-    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
-    assert diff <= 1e-4
+    assert_same_logits(moe, dense, input_ids(), "tied")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ TOKENS_PER_STEP = 4096
 
 @dataclass
 class TrainingReport:
-    """Held-out token accuracy of the fitted gates; written to the output as gate_training.json."""
+    """Token accuracy of the fitted gates, on the held-out prompts (`accuracy_on` "held-out") or, when none were
+    held out (holdout 0, or fewer than 2 prompts per expert), on the training prompts ("training");
+    written to the output as gate_training.json."""
 
     trained_layers: list[int]
     layer_accuracy: list[float]
@@ -32,6 +34,7 @@ class TrainingReport:
     train_tokens: int
     holdout_tokens: int
     seconds: float
+    accuracy_on: str = "held-out"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,5 +120,6 @@ def train_gates(
         int(in_train.sum()),
         int((~in_train).sum()),
         time.perf_counter() - started,
+        "held-out" if held else "training",
     )
     return rows, report
