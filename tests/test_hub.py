@@ -266,6 +266,12 @@ def test_trained_gates_card_reports_held_out_accuracy(tmp_path):
     assert "mean over layers: **0.625**" in card and "| bee | 0.900 |" in card
     assert "moemerge eval" not in card
 
+    # nothing held out (holdout 0, or fewer than 2 prompts per expert): the accuracy is not called held-out
+    training.update(holdout_prompts=0, holdout_tokens=0, accuracy_on="training")
+    card = model_card(recipe, "base_model: org/base\n", stats, None, None, training)
+    assert "Training-set token accuracy" in card and "| expert | training-set accuracy |" in card
+    assert "held-out" not in card.lower().replace("no prompts were held out", "")
+
 
 def test_push_uploads_the_output_to_a_new_private_repo(world, merged):
     hub, out = world["hub"], merged["out"]

@@ -217,3 +217,17 @@ def test_without_held_out_prompts_the_accuracy_is_not_called_held_out(trained, t
     assert "held-out prompts" not in card and "Held-out" not in card and "held-out accuracy" not in card
     logged = [r.getMessage() for r in caplog.records if "routing accuracy" in r.getMessage()]
     assert len(logged) == 4 and all("training routing accuracy" in m for m in logged), logged
+
+
+def test_one_prompt_per_expert_leaves_nothing_to_hold_out():
+    """With fewer than 2 prompts per expert no prompt is held out, whatever `holdout` says: the report says the
+    accuracy is on the training prompts."""
+    from moemerge.gates.trained import train_gates
+    from moemerge.recipe import TrainingSpec
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 12, 8, generator=generator)
+    owners = torch.arange(3).repeat_interleave(4)  # three prompts of four tokens, one per expert
+    rows, report = train_gates(features, owners, [0, 1, 2], 3, TrainingSpec(steps=5, holdout=0.5))
+    assert rows.shape == (2, 3, 8)
+    assert report.holdout_prompts == 0 and report.train_prompts == 3 and report.accuracy_on == "training"
