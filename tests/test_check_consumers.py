@@ -76,6 +76,9 @@ def fake_llama(tmp_path) -> Path:
         "import sys, pathlib\n"
         "model = pathlib.Path(sys.argv[sys.argv.index('-m') + 1]).stem\n"
         f"log = pathlib.Path({str(logs)!r}) / (model + '.log')\n"
+        "if model == 'crash_after':  # prints an estimate, then fails\n"
+        "    sys.stdout.write(" + repr(DENSE) + ")\n"
+        "    sys.exit(134)\n"
         "if not log.exists():\n"
         "    sys.stderr.write(" + repr(CRASH) + ")\n"
         "    sys.exit(1)\n"
@@ -92,6 +95,7 @@ def fake_llama(tmp_path) -> Path:
         ("qwen2", False, "MoE 9.8115 vs dense 8.6322"),
         ("nan", False, "a perplexity is missing"),
         ("broken", False, "a perplexity is missing"),
+        ("crash_after", False, "a perplexity is missing"),
     ],
 )
 def test_perplexity_rows_run_both_models_and_compare(fake_llama, tmp_path, moe, ok, words):
