@@ -96,21 +96,30 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
         layer_accuracy = training.get("layer_accuracy") or []
         expert_accuracy = training.get("expert_accuracy") or []
         mean = sum(layer_accuracy) / len(layer_accuracy) if layer_accuracy else None
-        lines = [
-            f"The routers were trained on {training.get('train_prompts', '?')} prompts "
-            f"({training.get('train_tokens', '?')} tokens) and tested on {training.get('holdout_prompts', '?')} "
-            f"held-out prompts ({training.get('holdout_tokens', '?')} tokens).",
-            "",
-        ]
+        held_out = training.get("accuracy_on", "held-out") == "held-out"
+        trained_on = f"{training.get('train_prompts', '?')} prompts ({training.get('train_tokens', '?')} tokens)"
+        if held_out:
+            tested = (
+                f" and tested on {training.get('holdout_prompts', '?')} held-out prompts "
+                f"({training.get('holdout_tokens', '?')} tokens)."
+            )
+            kind = "Held-out"
+        else:
+            tested = (
+                "; no prompts were held out (holdout 0, or fewer than 2 prompts per expert), so the accuracy below "
+                "is on the training prompts and says nothing about prompts the routers have not seen."
+            )
+            kind = "Training-set"
+        lines = [f"The routers were trained on {trained_on}{tested}", ""]
         if mean is not None:
             lines.append(
-                f"Held-out token accuracy (the router's top choice is the labelled expert), mean over layers: "
+                f"{kind} token accuracy (the router's top choice is the labelled expert), mean over layers: "
                 f"**{mean:.3f}**; per layer: {' '.join(f'{a:.2f}' for a in layer_accuracy)}."
             )
         if expert_accuracy:
-            lines += ["", "| expert | held-out accuracy |", "|---|---|"]
+            lines += ["", f"| expert | {kind.lower()} accuracy |", "|---|---|"]
             lines += [
-                f"| {_cell(n)} | {'—' if a is None else f'{a:.3f}'} |"  # None: no held-out rows
+                f"| {_cell(n)} | {'—' if a is None else f'{a:.3f}'} |"  # None: no scored rows
                 for n, a in zip(names, expert_accuracy, strict=False)
             ]
         return "\n".join(lines)

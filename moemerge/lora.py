@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from moemerge.errors import MoemergeError
 from moemerge.model_files import LoraConfig, typed
 from moemerge.sources import TensorStore
 
+log = logging.getLogger("moemerge")
 _KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 
 
@@ -52,6 +54,10 @@ class LoraAdapter:
                 "knowledge must live in its MLP"
             )
         self.ignored = sorted(set(self._pairs) - set(mlp))
+        if self.config.fan_in_fan_out:
+            # The flag describes Conv1D layers stored [in, out] (GPT-2); the MLPs merged here are nn.Linear,
+            # [out, in], for which PEFT resets it to false and applies B @ A as it is. So do we.
+            log.warning(f"{label}: adapter sets fan_in_fan_out, which PEFT ignores for these nn.Linear MLPs; so do we")
 
     def _read_pairs(self) -> dict[str, tuple[str, str]]:
         pairs: dict[str, dict[str, str]] = {}
@@ -89,7 +95,7 @@ class LoraAdapter:
             a_name, b_name = self._pairs[module]
             rows, cols = self.weights.shape(b_name)[0], self.weights.shape(a_name)[-1]
             want = shape_of(f"{module}.weight")
-            if {(rows, cols), (cols, rows)}.isdisjoint({tuple(want)}):
+            if (rows, cols) != tuple(want):
                 raise MoemergeError(
                     f"{self.label}: adapter delta for {module}.weight is {[rows, cols]} but the model's weight is "
                     f"{list(want)}; was this adapter trained on another base model?"
@@ -105,12 +111,7 @@ class LoraAdapter:
         lora_b = self.weights.load(b_name).float()
         if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
             raise MoemergeError(f"{self.label}: adapter tensors {a_name} / {b_name} have incompatible shapes")
-        delta = lora_b @ lora_a
-        if self.config.fan_in_fan_out:
-            delta = delta.T
-        if tuple(delta.shape) != shape and tuple(delta.T.shape) == shape:
-            # PEFT resets fan_in_fan_out for nn.Linear targets; honour the layout the weights really have.
-            delta = delta.T
+        delta = lora_b @ lora_a  # [out, in], as nn.Linear stores its weight (fan_in_fan_out: see __init__)
         if tuple(delta.shape) != shape:
             raise MoemergeError(
                 f"{self.label}: adapter delta for {weight_name} is {list(delta.shape)} but the model's weight is "

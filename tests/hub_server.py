@@ -7,10 +7,18 @@ It answers the HTTP API huggingface_hub 2.x speaks, as far as moemerge uses it:
   (with `X-Repo-Commit` and `ETag`); unknown repos, revisions and files get the Hub's 404s with
   `X-Error-Code` RepoNotFound / RevisionNotFound / EntryNotFound;
 - uploads: `POST /api/repos/create`, `POST /api/models/{repo}/branch/{branch}`,
-  `POST /api/models/{repo}/preupload/{rev}` (every file is "regular", so contents travel inline in the
-  commit and no LFS/Xet storage is needed), `POST /api/models/{repo}/commit/{rev}` (ndjson),
+  `POST /api/models/{repo}/preupload/{rev}`, `POST /api/models/{repo}/commit/{rev}` (ndjson),
   `POST /api/models/{repo}/discussions` and `GET .../discussions/{n}` (pull requests),
   `POST /api/validate-yaml` (a README's metadata must parse).
+- large files, with `FakeHub(large_files=True)`: preupload answers "lfs" for weight files (as the Hub's
+  .gitattributes says), and the Git LFS batch API takes them: `POST /{repo}.git/info/lfs/objects/batch`
+  answers "already stored" (no actions) for objects it has, a single PUT for smaller ones, and the Hub's
+  multipart transfer for objects of `multipart_from` bytes or more (`chunk_size` in the upload header, one
+  PUT URL per part, each answered with an ETag, then a completion POST listing the parts); a verify POST
+  follows each upload. Objects are checked against their sha256 before they are stored, and a commit's
+  `lfsFile` lines must name stored objects. `fail_lfs` holds oids whose PUTs are refused (403), to
+  interrupt an upload. Without large_files every file is "regular" and travels inline in the commit (what
+  the Xet-enabled client needs: this server does not speak Xet).
 
 Every request is logged, with the Authorization header it carried, so tests can assert exactly which
 files were fetched and what was sent.
@@ -71,7 +79,15 @@ class Request:
 class FakeHub:
     """Models in memory; `add_model` publishes a folder as a commit on a branch."""
 
-    def __init__(self) -> None:
+    def __init__(self, large_files: bool = False, multipart_from: int = 1 << 62, chunk_size: int = 1 << 20) -> None:
+        self.large_files = large_files
+        self.multipart_from = multipart_from
+        self.chunk_size = chunk_size
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 → content
+        self.lfs_parts: dict[str, dict[int, bytes]] = {}  # multipart uploads in progress
+        self.lfs_puts: list[tuple[str, int]] = []  # (oid, bytes) of every accepted PUT, parts included
+        self.fail_lfs: set[str] = set()
+        self.committed: list[tuple[str, str]] = []  # (ndjson key, path) of every commit line that adds a file
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.created: list[dict] = []  # create-repo payloads
@@ -165,6 +181,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message}, headers, head)
 
     def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(size + 2)[:size]  # each chunk ends with CRLF
+                if not size:
+                    return b"".join(chunks)
+                chunks.append(chunk)
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
@@ -283,6 +307,16 @@ class _Handler(BaseHTTPRequestHandler):
             except (yaml.YAMLError, AssertionError) as exc:
                 return self._json(400, {"errors": [{"message": str(exc)}]}, {"X-Error-Message": "Invalid YAML"})
             return self._json(200, {"errors": [], "warnings": []})
+        if parts[2:] == ["info", "lfs", "objects", "batch"] and parts[1].endswith(".git"):
+            return self._lfs_batch(json.loads(body))
+        if parts[:2] == ["lfs", "complete"]:
+            return self._lfs_complete(parts[2], json.loads(body))
+        if parts[:2] == ["lfs", "verify"]:
+            request = json.loads(body)
+            stored = self.fake.lfs_objects.get(request["oid"])
+            if stored is None or len(stored) != request["size"]:
+                return self._error(404, None, "object not stored")
+            return self._json(200, {})
         if parts[:2] != ["api", "models"] or len(parts) < 5:
             return self._error(404, None, f"no route for {self.path}")
         repo = self._repo(parts[2:4])
@@ -303,15 +337,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         if action == "preupload":
             files = repo.commits[commit]
-            answer = [
-                {
-                    "path": f["path"],
-                    "uploadMode": "regular",
-                    "shouldIgnore": False,
-                    "oid": git_blob_sha1(files[f["path"]]) if f["path"] in files else None,
-                }
-                for f in json.loads(body)["files"]
-            ]
+            answer = []
+            for f in json.loads(body)["files"]:
+                lfs = self.fake.large_files and is_lfs(f["path"])
+                data = files.get(f["path"])
+                oid = None if data is None else hashlib.sha256(data).hexdigest() if lfs else git_blob_sha1(data)
+                answer.append(
+                    {"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+                )
             return self._json(200, {"files": answer, "commitOid": commit})
         if action == "commit":
             if self.fake.fail_commits is not None:
@@ -323,11 +356,75 @@ class _Handler(BaseHTTPRequestHandler):
                 item = json.loads(line)
                 if item["key"] == "header":
                     summary = item["value"]["summary"]
-                elif item["key"] == "file":
+                if item["key"] in ("file", "lfsFile"):
+                    self.fake.committed.append((item["key"], item["value"]["path"]))
+                if item["key"] == "file":
                     files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] == "lfsFile":
+                    stored = self.fake.lfs_objects.get(item["value"]["oid"])
+                    if stored is None or len(stored) != item["value"]["size"]:
+                        return self._error(422, None, f"LFS object of {item['value']['path']} was never uploaded")
+                    files[item["value"]["path"]] = stored
                 elif item["key"] == "deletedFile":
                     files.pop(item["value"]["path"], None)
             sha = repo.commit(revision, files, summary)
             url = f"{self.fake.url}/{repo.repo_id}/commit/{sha}"
             return self._json(200, {"commitUrl": url, "commitOid": sha, "pullRequestUrl": None})
         self._error(404, None, f"no route for {self.path}")
+
+    # -- Git LFS -----------------------------------------------------------------------------------
+
+    def _lfs_batch(self, request: dict):
+        objects = []
+        transfer = "basic"
+        for item in request["objects"]:
+            oid, size = item["oid"], item["size"]
+            entry: dict = {"oid": oid, "size": size}
+            verify = {"href": f"{self.fake.url}/lfs/verify"}
+            if oid in self.fake.lfs_objects:
+                pass  # already stored: no actions, the client skips it
+            elif size >= self.fake.multipart_from:
+                transfer = "multipart"
+                count = -(-size // self.fake.chunk_size)
+                header = {"chunk_size": str(self.fake.chunk_size)}
+                header.update({f"{n:05d}": f"{self.fake.url}/lfs/part/{oid}/{n}" for n in range(1, count + 1)})
+                upload = {"href": f"{self.fake.url}/lfs/complete/{oid}", "header": header}
+                entry["actions"] = {"upload": upload, "verify": verify}
+            else:
+                entry["actions"] = {"upload": {"href": f"{self.fake.url}/lfs/upload/{oid}"}, "verify": verify}
+            objects.append(entry)
+        self._json(200, {"transfer": transfer, "objects": objects})
+
+    def _lfs_complete(self, oid: str, request: dict):
+        parts = self.fake.lfs_parts.pop(oid, {})
+        numbers = [p["partNumber"] for p in request["parts"]]
+        if numbers != list(range(1, len(parts) + 1)) or any(
+            p["etag"] != _etag(parts[p["partNumber"]]) for p in request["parts"]
+        ):
+            return self._error(400, None, "parts do not match the uploaded ones")
+        return self._store(oid, b"".join(parts[n] for n in numbers))
+
+    def _store(self, oid: str, data: bytes):
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self._error(400, None, "content does not match its sha256")
+        self.fake.lfs_objects[oid] = data
+        return self._json(200, {})
+
+    def do_PUT(self):  # noqa: N802 - the storage side of LFS uploads
+        parts = self._log()[1:]
+        body = self._body()
+        oid = parts[2] if len(parts) > 2 else ""
+        if oid in self.fake.fail_lfs:
+            return self._error(403, None, "upload refused")
+        with self.fake.lock:
+            self.fake.lfs_puts.append((oid, len(body)))
+        if parts[:2] == ["lfs", "upload"]:
+            return self._store(oid, body)
+        if parts[:2] == ["lfs", "part"]:
+            self.fake.lfs_parts.setdefault(oid, {})[int(parts[3])] = body
+            return self._send(200, b"", {"ETag": _etag(body)})
+        self._error(404, None, f"no route for {self.path}")
+
+
+def _etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest()}"'

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import input_ids, load_model, logits_of, make_base, make_expert, read_tensors, write_recipe
+from tiny_models import (
+    assert_same_logits,
+    input_ids,
+    load_model,
+    make_base,
+    make_expert,
+    read_tensors,
+    write_recipe,
+)
 from transformers import AutoModelForCausalLM
 
 from moemerge.errors import MoemergeError
@@ -66,9 +74,7 @@ def assert_base_logits(out: Path, base: Path, class_name: str) -> None:
     moe, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert type(moe).__name__ == class_name
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids = input_ids()
-    diff = (logits_of(moe.eval(), ids) - logits_of(load_model(base), ids)).abs().max().item()
-    assert diff <= 1e-4, f"max abs logit diff {diff}"
+    assert_same_logits(moe.eval(), load_model(base), input_ids(), class_name)
 
 
 @pytest.mark.parametrize(("family", "architecture", "class_name"), PAIRS)
@@ -108,9 +114,7 @@ def test_qwen2_shared_expert_of_base_mixes_half_and_half(tmp_path, bases):
 
     for layer in dense.model.layers:
         layer.mlp.register_forward_hook(mixed)
-    ids = input_ids()
-    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
-    assert diff <= 1e-4, f"max abs logit diff {diff}"
+    assert_same_logits(moe, dense, input_ids(), "qwen2 shared expert")
 
 
 def test_qwen2_distinct_experts_biases_and_shared_expert(tmp_path, bases):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import resource
 import signal
 import subprocess
@@ -22,16 +24,20 @@ def recipe(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults")
     base = make_base(root / "base", hidden_size=128, intermediate_size=256, num_hidden_layers=6)
     experts = [make_expert(base, root / f"e{i}", seed=i) for i in range(3)]
-    return write_recipe(root / "r.yaml", base, experts)
+    # many prompts, so the hidden-state pass lasts long enough to be caught in the act
+    specs = [
+        {"source_model": str(e), "positive_prompts": [f"{c * 8} {c * 12} {n}" for n in range(20)]}
+        for e, c in zip(experts, "abc", strict=True)
+    ]
+    return write_recipe(root / "r.yaml", base, specs)
 
 
-def _start(recipe: Path, out: Path, **kwargs) -> subprocess.Popen:
+def _start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [CLI, str(recipe), str(out), "--shard-size", "100KB"],
+        [CLI, str(recipe), str(out), "--shard-size", "100KB", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kwargs,
     )
 
 
@@ -39,54 +45,101 @@ def _partials(out: Path) -> list[Path]:
     return list(out.parent.glob(f".{out.name}.moemerge-partial-*"))
 
 
-def _wait_for_partial(process: subprocess.Popen, out: Path, timeout: float = 60) -> bool:
+def _shard_numbers(partial: Path) -> tuple[list[int], int]:
+    """Shards present in a partial folder (their numbers) and how many there will be."""
+    names = [re.fullmatch(r"model-(\d+)-of-(\d+)\.safetensors", p.name) for p in partial.glob("model-*")]
+    found = [m for m in names if m]
+    return sorted(int(m.group(1)) for m in found), max((int(m.group(2)) for m in found), default=0)
+
+
+def _complete_size(shard: Path) -> int:
+    """The size a shard has once written: 8 + header + the last tensor's end offset."""
+    with shard.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length + max(entry["data_offsets"][1] for entry in header.values())
+
+
+def _stop_when(process: subprocess.Popen, condition, timeout: float = 300) -> None:
+    """Poll until condition() holds, then freeze the process (SIGSTOP) and check it still holds, so whatever
+    signal comes next arrives in exactly that state. Fails if the merge ends first: never vacuous."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if _partials(out):
-            return True
-        time.sleep(0.002)
-    return False
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the merge ended before the moment to interrupt it: {process.communicate()}"
+        if condition():
+            process.send_signal(signal.SIGSTOP)
+            if condition():
+                return
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError("the merge never reached the moment to interrupt it")
 
 
-def _assert_absent_or_complete(out: Path) -> None:
-    if out.exists():
-        verify(out, deep=True)
+def _writing_shard(out: Path, number: int, replacing: bool = False):
+    """True once shard `number` exists and every earlier shard is complete, while later shards remain (and OUT
+    is absent, or with `replacing`, still the old one)."""
+
+    def condition() -> bool:
+        partials = _partials(out)
+        if len(partials) != 1 or out.exists() != replacing:
+            return False
+        present, total = _shard_numbers(partials[0])
+        if number not in present or max(present) >= total:
+            return False
+        done = [partials[0] / f"model-{k:05d}-of-{total:05d}.safetensors" for k in range(1, number)]
+        return all(f.stat().st_size == _complete_size(f) for f in done)
+
+    return condition
 
 
-@pytest.mark.parametrize("delay", [None, 0.0, 0.05, 0.15, 0.4])
-def test_sigkill_leaves_no_half_output(recipe, tmp_path, delay):
-    """delay None: killed during hidden states (before any output); else that long into writing shards."""
+def _computing_gates(process: subprocess.Popen, recipe: Path, out: Path):
+    """True while the dense base is mapped for the hidden-state pass and no output folder exists yet."""
+    base_file = str((recipe.parent / "base" / "model.safetensors").resolve())
+
+    def condition() -> bool:
+        try:
+            maps = Path(f"/proc/{process.pid}/maps").read_text()
+        except OSError:
+            return False
+        return base_file in maps and not _partials(out) and not out.exists()
+
+    return condition
+
+
+@pytest.mark.parametrize("moment", ["gates", "shard 5"])
+def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
+    """Killed while computing hidden states (before any output) or while writing shard 5 of 68."""
     out = tmp_path / "out"
     process = _start(recipe, out)
-    if delay is None:
-        time.sleep(3.0)
-        assert not _partials(out), "writing started before hidden states were done"
+    if moment == "gates":
+        _stop_when(process, _computing_gates(process, recipe, out))
     else:
-        assert _wait_for_partial(process, out), process.communicate()
-        time.sleep(delay)
+        _stop_when(process, _writing_shard(out, int(moment.split()[1])))
     process.kill()
-    process.wait()
-    _assert_absent_or_complete(out)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not out.exists()
     leftovers = _partials(out)
-    assert all(p.name.startswith(".out.moemerge-partial-") for p in leftovers)
+    assert len(leftovers) == (moment != "gates"), leftovers  # a SIGKILL cannot clean up after itself
 
-    rerun = subprocess.run([CLI, str(recipe), str(out), "--force"], capture_output=True, text=True)
+    rerun = subprocess.run([CLI, str(recipe), str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert not _partials(out), "the next run must clean leftovers of killed runs"
     verify(out, deep=True)
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.1])
-def test_sigint_cleans_up(recipe, tmp_path, delay):
+@pytest.mark.parametrize("moment", ["gates", "shard 5"])
+def test_sigint_cleans_up(recipe, tmp_path, moment):
     out = tmp_path / "out"
     process = _start(recipe, out)
-    assert _wait_for_partial(process, out)
-    time.sleep(delay)
+    if moment == "gates":
+        _stop_when(process, _computing_gates(process, recipe, out))
+    else:
+        _stop_when(process, _writing_shard(out, int(moment.split()[1])))
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    if out.exists():  # the merge finished before the signal landed: then the output must be complete
-        verify(out, deep=True)
-        return
+    process.send_signal(signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists()
@@ -94,18 +147,16 @@ def test_sigint_cleans_up(recipe, tmp_path, delay):
 
 
 def test_sigkill_with_existing_output_keeps_it(recipe, tmp_path):
-    """--force replaces OUT only at the end: killed before, the old OUT is still there and whole."""
+    """--force replaces OUT only at the end: killed while writing, the old OUT is still there and whole."""
     out = tmp_path / "out"
     first = subprocess.run([CLI, str(recipe), str(out)], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     (out / "marker").write_text("old")
-    process = subprocess.Popen(
-        [CLI, str(recipe), str(out), "--force", "--shard-size", "100KB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    assert _wait_for_partial(process, out)
+    process = _start(recipe, out, "--force")
+    _stop_when(process, _writing_shard(out, 20, replacing=True))
     process.kill()
-    process.wait()
-    assert out.exists(), "the old output must survive until the new one replaces it in one step"
+    process.communicate()
+    assert (out / "marker").read_text() == "old", "the old output must survive until the new one replaces it"
     verify(out, deep=True)
 
 

@@ -89,15 +89,6 @@ def test_own_prompts_score_highest_on_own_gate(tmp_path):
     assert (correct_per_layer >= 2 / 3).sum() >= 3, correct_per_layer
 
 
-def test_negative_prompts_move_the_gate(tmp_path):
-    base = make_base(tmp_path / "base")
-    specs = [{"source_model": str(base), "positive_prompts": p} for p in PROMPTS[:2]]
-    merge(write_recipe(tmp_path / "a.yaml", base, specs), tmp_path / "a")
-    specs[0]["negative_prompts"] = PROMPTS[2]
-    merge(write_recipe(tmp_path / "b.yaml", base, specs), tmp_path / "b")
-    assert not torch.allclose(_gate_rows(tmp_path / "a", 3), _gate_rows(tmp_path / "b", 3))
-
-
 def test_experts_with_near_identical_prompts_are_warned_about(tmp_path, caplog):
     base = make_base(tmp_path / "base")
     specs = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from transformers import LlamaForCausalLM
 from moemerge.card import front_matter
 from moemerge.errors import MoemergeError
 from moemerge.hub import HubFetcher, parse_hub_id, push
+from moemerge.merge import MergeOptions, merge
 from moemerge.verify import verify
 
 CLI = str(Path(sys.executable).parent / "moemerge")
@@ -264,6 +266,12 @@ def test_trained_gates_card_reports_held_out_accuracy(tmp_path):
     assert "mean over layers: **0.625**" in card and "| bee | 0.900 |" in card
     assert "moemerge eval" not in card
 
+    # nothing held out (holdout 0, or fewer than 2 prompts per expert): the accuracy is not called held-out
+    training.update(holdout_prompts=0, holdout_tokens=0, accuracy_on="training")
+    card = model_card(recipe, "base_model: org/base\n", stats, None, None, training)
+    assert "Training-set token accuracy" in card and "| expert | training-set accuracy |" in card
+    assert "held-out" not in card.lower().replace("no prompts were held out", "")
+
 
 def test_push_uploads_the_output_to_a_new_private_repo(world, merged):
     hub, out = world["hub"], merged["out"]
@@ -341,6 +349,78 @@ def test_pull_request_and_upload_large_folder(world, merged):
         push(out, "org/x@dev", api=api)
     with pytest.raises(MoemergeError, match="not a moemerge output"):
         push(out.parent, "org/x", api=api)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Path:
+    """A local merge written in several shards of different sizes: the files an upload sends through LFS."""
+    root = tmp_path_factory.mktemp("sharded")
+    base = make_base(root / "base")
+    experts = [make_expert(base, root / f"e{i}", seed=i) for i in (1, 2)]
+    merge(
+        write_recipe(root / "r.yaml", base, experts, gate_mode="random"), root / "out", MergeOptions(shard_size=40_000)
+    )
+    assert len(list((root / "out").glob("*.safetensors"))) >= 3
+    return root / "out"
+
+
+def _local_files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def _lfs_hub(out: Path) -> tuple[FakeHub, str]:
+    """A Hub that takes weights through Git LFS, the largest shard in three parts; returns it and that shard's oid."""
+    largest = max(out.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    size = largest.stat().st_size
+    hub = FakeHub(large_files=True, multipart_from=size, chunk_size=size // 3 + 1).start()
+    return hub, hashlib.sha256(largest.read_bytes()).hexdigest()
+
+
+def test_large_files_are_uploaded_through_lfs_single_and_multipart(sharded, tmp_path):
+    """With Xet off (this server does not speak it), huggingface_hub sends weights through the LFS batch API:
+    one PUT for smaller shards, the multipart protocol for the largest; the commit only names them."""
+    hub, largest = _lfs_hub(sharded)
+    try:
+        run = _run(["push", sharded, "org/big"], _env(hub, tmp_path / "hf-home", HF_HUB_DISABLE_XET="1"))
+        assert run.returncode == 0, run.stderr
+        assert {k: v for k, v in hub.files("org/big").items() if k != ".gitattributes"} == _local_files(sharded)
+        shards = {hashlib.sha256(p.read_bytes()).hexdigest(): p.stat().st_size for p in sharded.glob("*.safetensors")}
+        assert set(hub.lfs_objects) == set(shards)
+        for oid, size in shards.items():
+            sent = [n for o, n in hub.lfs_puts if o == oid]
+            assert sum(sent) == size and len(sent) == (3 if oid == largest else 1), (oid, sent)
+        kinds = dict(hub.committed)
+        assert {path for path, kind in ((p, k) for k, p in hub.committed) if kind == "lfsFile"} == {
+            p.name for p in sharded.glob("*.safetensors")
+        }
+        assert kinds.get("lfsFile") and "config.json" in {p for k, p in hub.committed if k == "file"}
+    finally:
+        hub.stop()
+
+
+def test_interrupted_large_upload_resumes_without_sending_stored_objects_again(sharded, tmp_path):
+    hub, largest = _lfs_hub(sharded)
+    env = _env(hub, tmp_path / "hf-home", HF_HUB_DISABLE_XET="1")
+    try:
+        hub.fail_lfs = {largest}  # the largest shard's upload is refused, after the others got through
+        run = _run(["push", sharded, "org/big"], env)
+        assert run.returncode == 1
+        last = next(line for line in run.stderr.splitlines() if line.startswith("error:"))  # tqdm bars aside
+        assert last.startswith("error: push to org/big failed (") and f"{sharded} is intact" in last
+        resume = shlex.split(last.split("resume with: ", 1)[1])
+        assert resume[:2] == ["moemerge", "push"]
+        assert set(hub.files("org/big")) == {".gitattributes"}, "nothing may be committed from a failed upload"
+        stored = set(hub.lfs_objects)
+        assert stored and largest not in stored
+
+        hub.fail_lfs = set()
+        sent_before = len(hub.lfs_puts)
+        again = _run(resume[1:], env)
+        assert again.returncode == 0, again.stderr
+        assert {oid for oid, _ in hub.lfs_puts[sent_before:]} == {largest}, "stored objects were sent again"
+        assert {k: v for k, v in hub.files("org/big").items() if k != ".gitattributes"} == _local_files(sharded)
+    finally:
+        hub.stop()
 
 
 class Recorder:

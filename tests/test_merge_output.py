@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import (
+    assert_same_logits,
     input_ids,
     load_model,
     logits_of,
@@ -212,8 +213,7 @@ def test_copies_of_base_give_base_logits(tmp_path, bases, family, gate_mode):
     assert moe.config.num_local_experts == 3 and moe.config.num_experts_per_tok == 2
     dense = load_model(base)
     ids = input_ids()
-    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
-    assert diff <= 1e-4, f"{family}/{gate_mode}: max abs logit diff {diff}"
+    assert_same_logits(moe, dense, ids, f"{family}/{gate_mode}")
     # Greedy decoding follows the same path.
     prompt = ids[:1, :8]
     kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -235,9 +235,7 @@ def test_tied_base_gets_explicit_lm_head_and_same_logits(tmp_path, bases):
 
     moe, dense = load_model(tmp_path / "out"), load_model(base)
     assert isinstance(moe, MixtralForCausalLM)
-    ids = input_ids()
-    diff = (logits_of(moe, ids) - logits_of(dense, ids)).abs().max().item()
-    assert diff <= 1e-4
+    assert_same_logits(moe, dense, input_ids(), "tied")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,6 +406,35 @@ def test_lora_experts_equal_base_plus_scaled_delta(tmp_path, bases, experts):
         assert torch.equal(out[name], base[name]), name
     # Experts 0 and 1 name the same adapter in two forms.
     assert torch.equal(out[expert_key(2, 0, "w2")], out[expert_key(2, 1, "w2")])
+
+
+@pytest.mark.parametrize("square", [True, False], ids=["square_mlp", "rectangular_mlp"])
+def test_fan_in_fan_out_is_read_as_peft_reads_it(tmp_path, square, caplog):
+    """A hand-set `fan_in_fan_out: true` on nn.Linear MLPs: PEFT resets it and adds B @ A untransposed. On a square
+    MLP the shape cannot tell the two layouts apart, so only the flag's meaning decides. Expected weights come from
+    PEFT itself (merge_and_unload)."""
+    from peft import PeftModel
+
+    base = make_base(tmp_path / "base", intermediate_size=32 if square else 48)
+    make_lora(base, tmp_path / "adapter", seed=21, fan_in_fan_out=True)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base, [tmp_path / "adapter", base], gate_mode="random")
+    with caplog.at_level("WARNING", logger="moemerge"):
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert any("fan_in_fan_out" in r.getMessage() for r in caplog.records)
+
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    want = {n: t.detach() for n, t in peft.merge_and_unload().state_dict().items()}
+    out, plain = read_tensors(tmp_path / "out"), read_tensors(base)
+    for layer in range(3):
+        for w, projection in PROJECTION_OF.items():
+            got, expected = out[expert_key(layer, 0, w)], want[mlp_key(layer, projection)]
+            assert (got - expected).abs().max() <= 1e-6, expert_key(layer, 0, w)
+            # the delta is large, and transposing it (possible when square) would be far off
+            delta = expected - plain[mlp_key(layer, projection)]
+            assert delta.abs().max() > 1e-2
+            if square:
+                assert (plain[mlp_key(layer, projection)] + delta.T - got).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------

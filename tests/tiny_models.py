@@ -4,6 +4,8 @@ look, and the readers tests use to check what a merge wrote."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +25,9 @@ from transformers import (
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 SEQ_LEN = 24  # longer than the Mistral test base's sliding window
+# Copies of the base must give the base's logits up to float32 rounding: max abs diff over the largest |logit|.
+LOGIT_RTOL = 2e-6
+MLP_ERROR = 0.999  # an MLP output 0.1% off must fail the same comparison
 VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ",", "?", "0", "1"]
 
 
@@ -49,6 +54,7 @@ def tiny_config(family: str = "llama", **overrides) -> PreTrainedConfig:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        initializer_range=0.2,  # 10x the default, so every MLP moves the logits by O(1), not by a few 0.01
     )
     if family == "qwen3":
         sizes["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]  # Qwen3Config's default is 128
@@ -155,6 +161,30 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
+
+
+@contextmanager
+def mlp_outputs_scaled(model, factor: float) -> Iterator[None]:
+    """Every decoder layer's MLP output multiplied by `factor` while inside (a forward hook per layer)."""
+    hooks = [layer.mlp.register_forward_hook(lambda _m, _i, out: out * factor) for layer in model.model.layers]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_same_logits(moe, dense, ids: torch.Tensor, label: str = "") -> float:
+    """The MoE gives the dense model's logits up to float32 rounding, and the comparison is sharp enough that
+    the dense model with every MLP output 0.1% off would fail it. Returns the relative diff."""
+    want, got = logits_of(dense, ids), logits_of(moe, ids)
+    scale = want.abs().max().item()
+    diff = (got - want).abs().max().item() / scale
+    assert diff <= LOGIT_RTOL, f"{label}: max abs logit diff {diff:.2e} of the largest logit (allowed {LOGIT_RTOL})"
+    with mlp_outputs_scaled(dense, MLP_ERROR):
+        off = (got - logits_of(dense, ids)).abs().max().item() / scale
+    assert off > 10 * LOGIT_RTOL, f"{label}: a 0.1% MLP error moves the logits by only {off:.2e}; the check is blind"
+    return diff
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -99,7 +99,7 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
         )
         rows[untrained] = router_rows(prototypes, token_norm, recipe.gate_scale)[untrained]
     for layer, accuracy in zip(report.trained_layers, report.layer_accuracy, strict=True):
-        log.info(f"layer {layer}: held-out routing accuracy {accuracy:.3f}")
+        log.info(f"layer {layer}: {report.accuracy_on} routing accuracy {accuracy:.3f}")
     return GateResult(rows, report)
 
 

@@ -35,7 +35,9 @@ def token_budget(hidden: int) -> int:
 
 @dataclass
 class TrainingReport:
-    """Held-out token accuracy of the fitted gates; written to the output as gate_training.json."""
+    """Token accuracy of the fitted gates, on the held-out prompts (`accuracy_on` "held-out") or, when none were
+    held out (holdout 0, or fewer than 2 prompts per expert), on the training prompts ("training");
+    written to the output as gate_training.json."""
 
     trained_layers: list[int]
     layer_accuracy: list[float]
@@ -45,6 +47,7 @@ class TrainingReport:
     train_tokens: int
     holdout_tokens: int
     seconds: float
+    accuracy_on: str = "held-out"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,5 +169,6 @@ def train_gates(
         int(fit_on.sum()),
         int(score_on.sum()) if held else 0,
         time.perf_counter() - started,
+        "held-out" if held else "training",
     )
     return torch.stack([fitted[layer][0] for layer in layers]), report

