@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,6 +229,11 @@ def test_one_prompt_per_expert_leaves_nothing_to_hold_out():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 12, 8, generator=generator)
     owners = torch.arange(3).repeat_interleave(4)  # three prompts of four tokens, one per expert
-    rows, report = train_gates(features, owners, [0, 1, 2], 3, TrainingSpec(steps=5, holdout=0.5))
+    inputs = SimpleNamespace(  # captured router inputs, as the streamed capture hands them out layer by layer
+        owners=owners,
+        options=SimpleNamespace(device=torch.device("cpu")),
+        layers=lambda count, keep, on_batch=None: (layer[keep] for layer in features[:count]),
+    )
+    rows, report = train_gates(inputs, [0, 1, 2], 3, TrainingSpec(steps=5, holdout=0.5), [0, 1], 10_000)
     assert rows.shape == (2, 3, 8)
     assert report.holdout_prompts == 0 and report.train_prompts == 3 and report.accuracy_on == "training"
