@@ -20,6 +20,7 @@ from moemerge.formats import choose_format
 from moemerge.formats.common import MoeLayout
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.compute import GateContext, compute_gates
+from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub import HubFetcher
 from moemerge.lora import LoraAdapter
 from moemerge.plan import build_plan
@@ -36,6 +37,7 @@ log = logging.getLogger("moemerge")
 RECIPE_COPY = "moemerge_recipe.yaml"
 MANIFEST = "moemerge.json"
 TRAINING_REPORT = "gate_training.json"
+TUNING_REPORT = "router_tuning.json"
 
 
 @dataclass
@@ -207,6 +209,12 @@ def merge(
     check_output(out, options.force, sources)
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
+    tuning_prompts = prompts.labelled or [(text, e) for e, group in enumerate(prompts.positive) for text in group]
+    if recipe.training.tune_on_moe and len({label for _, label in tuning_prompts}) < 2:
+        raise MoemergeError(
+            "training.tune_on_moe: routers are tuned on labelled prompts of at least two experts; give the experts "
+            "positive_prompts or a dataset_csv"
+        )
 
     moe_layers = recipe.moe_layers if recipe.moe_layers is not None else range(shape.num_layers)
     dense_layers = tuple(layer for layer in range(shape.num_layers) if layer not in moe_layers)
@@ -249,6 +257,10 @@ def merge(
         index = write_shards(plan, partial, options.shard_size, advance)
         write_json(partial / "config.json", config)
         _copy_side_files(base, partial)
+        if recipe.training.tune_on_moe:
+            sparse = [layer for layer in range(shape.num_layers) if layer not in dense_layers]
+            tuned = tune_on_moe(partial, inputs.output, sparse, tuning_prompts, len(experts), recipe.training)
+            write_json(partial / TUNING_REPORT, tuned.as_dict())
         recipe_text = recipe_path.read_text(encoding="utf-8")
         (partial / RECIPE_COPY).write_text(recipe_text, encoding="utf-8")
         write_json(
