@@ -115,7 +115,10 @@ def train_adapter(
         sched.step()
         optim.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps - 1:
-            print(f"  [{domain}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+            print(
+                f"  [{domain}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     return model
 
 
@@ -170,6 +173,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--base", type=Path, default=DEFAULT_OUT, help="base model folder (built if missing)")
     parser.add_argument("--attention", action="store_true", help="adapt q/k/v/o as well as the MLP")
+    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity tables (saves minutes)")
     parser.add_argument("--out", type=Path, default=None, help="adapters go to OUT/<domain> (default: by --attention)")
     args = parser.parse_args()
     out = args.out or (ATTENTION_ADAPTERS_DIR if args.attention else ADAPTERS_DIR)
@@ -178,8 +182,8 @@ def main() -> None:
     t0 = time.perf_counter()
     base_dir = build_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base_ppl = eval_all(load_base(base_dir), tokenizer)
-    print(f"base ready and evaluated in {time.perf_counter() - t0:.0f}s")
+    base_ppl = {} if args.no_eval else eval_all(load_base(base_dir), tokenizer)
+    print(f"base ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
     adapted: dict[str, dict[str, float]] = {}
     for domain in args.domains:
@@ -191,13 +195,13 @@ def main() -> None:
         out_dir = out / domain
         save_adapter(model, out_dir)
         del model
+        print(f"[{domain}] trained in {train_s:.0f}s, saved {out_dir} ({dir_size_mb(out_dir):.2f} MB)", flush=True)
+        if args.no_eval:
+            continue
         # Evaluate what was written to disk, half-precision rounding included.
         reloaded = PeftModel.from_pretrained(load_base(base_dir), out_dir)
         adapted[domain] = eval_all(reloaded, tokenizer)
-        print(
-            f"[{domain}] trained in {train_s:.0f}s, evaluated in {time.perf_counter() - t1 - train_s:.0f}s, "
-            f"saved {out_dir} ({dir_size_mb(out_dir):.2f} MB)"
-        )
+        print(f"[{domain}] evaluated in {time.perf_counter() - t1 - train_s:.0f}s")
         print_table(base_ppl, adapted)
     print(f"total {time.perf_counter() - t0:.0f}s")
 
