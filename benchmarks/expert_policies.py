@@ -117,6 +117,8 @@ def main() -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     torch.manual_seed(0)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
     base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
     dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
     samples = [held_out(run, args.heldout) for run in range(args.runs)]
@@ -124,10 +126,15 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(row: dict, per_run: list[list[float]]) -> None:
+        """Record a row and rewrite both result files, so an interrupted run keeps what it measured."""
         row["perplexity"], row["perplexity_std"] = spread(per_run)
         row["mean"] = statistics.fmean(row["perplexity"])
         rows.append(row)
-        print(markdown(rows, command, date, args.runs, args.heldout).splitlines()[-1], flush=True)
+        table = markdown(rows, command, date, args.runs, args.heldout)
+        summary = {"command": command, "date": date, "domains": DOMAINS, "runs": args.runs, "rows": rows}
+        args.json.write_text(json.dumps(summary, indent=2))
+        args.markdown.write_text(table)
+        print(table.splitlines()[-1], flush=True)
 
     for name in [s for s in args.sets.split(",") if s]:
         adapters = SETS[name]
@@ -148,11 +155,6 @@ def main() -> None:
                 row = {"experts": name, "policy": policy, "gates": gates, "seconds": seconds, "accuracy": accuracy}
                 add(row, [s["perplexity"] for s in scores])
                 shutil.rmtree(args.workdir / label)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"command": command, "date": date, "domains": DOMAINS, "runs": args.runs, "rows": rows}, indent=2)
-    )
-    args.markdown.write_text(markdown(rows, command, date, args.runs, args.heldout))
     print(args.markdown.read_text())
 
 
