@@ -1,7 +1,9 @@
 """Train one small LoRA adapter per domain for the built-in example.
 
-Each adapter touches only the MLP projections (gate/up/down), because those
-are exactly the weights that become Mixtral experts; attention stays shared.
+By default each adapter touches only the MLP projections (gate/up/down), because
+those are exactly the weights that become Mixtral experts; attention stays shared.
+With ``--attention`` it adapts q/k/v/o as well (written to examples/adapters_attn/):
+stand-ins for full fine-tunes, whose attention the non_expert_weights policy keeps.
 After each domain we print base vs adapted perplexity on every domain's
 held-out text, so we can check each adapter helps its own domain most.
 """
@@ -22,8 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 HERE = Path(__file__).resolve().parent
 ADAPTERS_DIR = HERE / "adapters"
+ATTENTION_ADAPTERS_DIR = HERE / "adapters_attn"
 BASE_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TARGET_MODULES = ["gate_proj", "up_proj", "down_proj"]
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SAVE_DTYPE = torch.float16  # more mantissa than bfloat16; LoRA weights are small, so range is no issue
 EVAL_TEXTS = 20
 EVAL_MAX_TOKENS = 256
@@ -70,24 +74,31 @@ def eval_all(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict
     return {d: perplexity(model, tokenizer, domain_texts(d, "heldout", EVAL_TEXTS)) for d in DOMAINS}
 
 
-def lora_config() -> LoraConfig:
-    """MLP-only LoRA: these weights map one-to-one onto Mixtral expert weights."""
+def lora_config(attention: bool = False) -> LoraConfig:
+    """MLP LoRA (these weights map one-to-one onto Mixtral expert weights), plus q/k/v/o with `attention`."""
     return LoraConfig(
         r=8,
         lora_alpha=16,
         lora_dropout=0.0,
-        target_modules=TARGET_MODULES,
+        target_modules=TARGET_MODULES + (ATTENTION_MODULES if attention else []),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
 def train_adapter(
-    base_dir: Path, tokenizer: PreTrainedTokenizerBase, domain: str, steps: int, batch: int, seq_len: int, lr: float
+    base_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    domain: str,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    lr: float,
+    attention: bool = False,
 ) -> PeftModel:
     """Train a LoRA adapter on the domain's "train" split with AdamW and a linear decay."""
     torch.manual_seed(0)
-    model = get_peft_model(load_base(base_dir), lora_config())
+    model = get_peft_model(load_base(base_dir), lora_config(attention))
     texts = domain_texts(domain, "train", max(steps * batch, 1))
     blocks = pack_blocks(tokenizer, texts, seq_len, steps * batch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -104,7 +115,10 @@ def train_adapter(
         sched.step()
         optim.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps - 1:
-            print(f"  [{domain}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)")
+            print(
+                f"  [{domain}] step {step + 1}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     return model
 
 
@@ -158,31 +172,36 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--base", type=Path, default=DEFAULT_OUT, help="base model folder (built if missing)")
-    parser.add_argument("--out", type=Path, default=ADAPTERS_DIR, help="adapters go to OUT/<domain>")
+    parser.add_argument("--attention", action="store_true", help="adapt q/k/v/o as well as the MLP")
+    parser.add_argument("--no-eval", action="store_true", help="skip the perplexity tables (saves minutes)")
+    parser.add_argument("--out", type=Path, default=None, help="adapters go to OUT/<domain> (default: by --attention)")
     args = parser.parse_args()
+    out = args.out or (ATTENTION_ADAPTERS_DIR if args.attention else ADAPTERS_DIR)
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     base_dir = build_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base_ppl = eval_all(load_base(base_dir), tokenizer)
-    print(f"base ready and evaluated in {time.perf_counter() - t0:.0f}s")
+    base_ppl = {} if args.no_eval else eval_all(load_base(base_dir), tokenizer)
+    print(f"base ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
     adapted: dict[str, dict[str, float]] = {}
     for domain in args.domains:
         t1 = time.perf_counter()
-        model = train_adapter(base_dir, tokenizer, domain, args.steps, args.batch, args.seq_len, args.lr)
+        model = train_adapter(
+            base_dir, tokenizer, domain, args.steps, args.batch, args.seq_len, args.lr, args.attention
+        )
         train_s = time.perf_counter() - t1
-        out_dir = args.out / domain
+        out_dir = out / domain
         save_adapter(model, out_dir)
         del model
+        print(f"[{domain}] trained in {train_s:.0f}s, saved {out_dir} ({dir_size_mb(out_dir):.2f} MB)", flush=True)
+        if args.no_eval:
+            continue
         # Evaluate what was written to disk, half-precision rounding included.
         reloaded = PeftModel.from_pretrained(load_base(base_dir), out_dir)
         adapted[domain] = eval_all(reloaded, tokenizer)
-        print(
-            f"[{domain}] trained in {train_s:.0f}s, evaluated in {time.perf_counter() - t1 - train_s:.0f}s, "
-            f"saved {out_dir} ({dir_size_mb(out_dir):.2f} MB)"
-        )
+        print(f"[{domain}] evaluated in {time.perf_counter() - t1 - train_s:.0f}s")
         print_table(base_ppl, adapted)
     print(f"total {time.perf_counter() - t0:.0f}s")
 

@@ -37,7 +37,8 @@ FAMILIES = {
 }
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 EMBEDDINGS = "model.embed_tokens.weight"
-_GLOBAL_TENSORS = (EMBEDDINGS, "model.norm.weight", "lm_head.weight")
+LM_HEAD = "lm_head.weight"
+_GLOBAL_TENSORS = (EMBEDDINGS, "model.norm.weight", LM_HEAD)
 # Config switches that add weights no output format holds.
 _REFUSED_FLAGS = {
     "attention_bias": "an o_proj bias (and q/k/v biases outside Qwen2), which no MoE format moemerge writes holds",
@@ -58,6 +59,11 @@ class DenseShape:
 
 def mlp_tensor(layer: int, projection: str) -> str:
     return f"model.layers.{layer}.mlp.{projection}.weight"
+
+
+def stored_name(source: ModelSource, name: str) -> str:
+    """Where `source` keeps the weight `name`: a tied model's lm_head is its embeddings."""
+    return EMBEDDINGS if name == LM_HEAD and not source.tensors.has(name) else name
 
 
 def dense_shape(source: ModelSource) -> DenseShape:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from moemerge.arch import MLP_PROJECTIONS, mlp_tensor
+from moemerge.arch import MLP_PROJECTIONS, mlp_tensor, stored_name
 from moemerge.errors import MoemergeError
 from moemerge.lora import LoraAdapter
 from moemerge.recipe import ExpertSpec
@@ -34,8 +34,9 @@ class Expert:
         self.label = label or f"experts[{index}]"
         self.down_scale = 1.0  # set by the merge where the output format mixes experts with a shared expert
 
-    def check(self, base: ModelSource, num_layers: int) -> None:
-        """Every MLP weight must exist with the base's shape; the message names the tensor that does not."""
+    def check(self, base: ModelSource, num_layers: int, all_adapted: bool = False) -> None:
+        """Every MLP weight must exist with the base's shape; the message names the tensor that does not.
+        With `all_adapted` (non_expert_weights: average), every weight the adapter adapts is checked too."""
         for layer in range(num_layers):
             for projection in MLP_PROJECTIONS:
                 name = mlp_tensor(layer, projection)
@@ -45,7 +46,7 @@ class Expert:
         if self.adapter is not None:
             for module in self.adapter.modules_beyond(num_layers):
                 raise MoemergeError(f"{self.label}: adapter adapts {module}, beyond the base's {num_layers} layers")
-            self.adapter.check_shapes(self.model.tensors.shape)
+            self.adapter.check_shapes(self.model.tensors.shape, mlp_only=not all_adapted)
 
     def tokenizer_folder(self) -> Path:
         """Where the tokenizer the expert was trained with lives: its adapter's folder when the adapter ships
@@ -55,6 +56,18 @@ class Expert:
         ):
             return self.adapter.path
         return self.model.path
+
+    def may_differ(self, name: str, base: ModelSource) -> bool:
+        """Whether this expert's own version of a non-expert weight can differ from the base's: always for a
+        model of its own, only where its adapter adapts it for an adapter on the base."""
+        return self.model is not base or (self.adapter is not None and self.adapter.adapts(name))
+
+    def own_weight(self, name: str) -> torch.Tensor:
+        """This expert's own version of any weight, float32, without noise or residual scale: its model's (the
+        embeddings for the lm_head of a tied model), plus its adapter's delta where the adapter adapts it."""
+        weight = self.model.tensors.load(stored_name(self.model, name)).float()
+        delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
+        return weight if delta is None else weight + delta
 
     def _noise_seed(self, layer: int, projection: int) -> int:
         # One seed per tensor, so the noise does not depend on the order tensors are written in.

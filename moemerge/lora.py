@@ -87,10 +87,14 @@ class LoraAdapter:
         found = [re.search(r"layers\.(\d+)\.", module) for module in self._pairs]
         return [m.string for m in found if m and int(m.group(1)) >= num_layers]
 
-    def check_shapes(self, shape_of: Callable[[str], tuple[int, ...]]) -> None:
-        """Compare every adapted MLP weight's delta shape with the model's, from headers alone."""
+    def adapts(self, weight_name: str) -> bool:
+        return weight_name.removesuffix(".weight") in self._pairs
+
+    def check_shapes(self, shape_of: Callable[[str], tuple[int, ...]], mlp_only: bool = True) -> None:
+        """Compare every adapted MLP weight's (every adapted weight's, unless `mlp_only`) delta shape with the
+        model's, from headers alone."""
         for module in self._pairs:
-            if module.rsplit(".", 1)[-1] not in MLP_PROJECTIONS:
+            if mlp_only and module.rsplit(".", 1)[-1] not in MLP_PROJECTIONS:
                 continue
             a_name, b_name = self._pairs[module]
             rows, cols = self.weights.shape(b_name)[0], self.weights.shape(a_name)[-1]

@@ -23,6 +23,7 @@ from moemerge.formats import choose_format
 from moemerge.formats.common import MoeLayout
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.compute import GateContext, compute_gates
+from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub import HubFetcher
 from moemerge.lora import LoraAdapter
 from moemerge.plan import build_plan
@@ -38,6 +39,7 @@ from moemerge.writer import PlannedTensor, write_json, write_shards
 log = logging.getLogger("moemerge")
 RECIPE_COPY = "moemerge_recipe.yaml"
 TRAINING_REPORT = "gate_training.json"
+TUNING_REPORT = "router_tuning.json"
 
 
 MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the per-tensor noise seeds are taken modulo 2**63
@@ -111,6 +113,7 @@ def _open_expert(
     opened: dict[Path, ModelSource],
     options: MergeOptions,
     hub: HubFetcher | None,
+    uses_non_expert: bool = False,
 ) -> Expert:
     """An expert's model folder (shared with the base when it is an adapter) and its adapter, opened lazily;
     `opened` holds the model folders opened so far, so each is opened once."""
@@ -120,8 +123,11 @@ def _open_expert(
         model = ModelSource(ref.model, f"{key}.source_model", options.allow_pickle)
         opened[ref.model.resolve()] = model
     adapter = LoraAdapter(ref.adapter, f"{key}.source_model", options.allow_pickle) if ref.adapter else None
-    if adapter and adapter.ignored:
-        log.warning(f"{key}: adapter also changes {len(adapter.ignored)} non-MLP modules; only MLPs are used")
+    if adapter and adapter.ignored and not uses_non_expert:
+        log.warning(
+            f"{key}: adapter also changes {len(adapter.ignored)} non-MLP modules; only MLPs are used "
+            "(non_expert_weights: average would use them too)"
+        )
     return Expert(index, spec, model, adapter, options.seed, label=key)
 
 
@@ -153,8 +159,9 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
     check_tensor_names(base, shape)
     output = choose_format(recipe.architecture, shape.family, base.config, bool(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
+    averaged = recipe.non_expert_weights == "average"
     experts = [
-        _open_expert(i, spec, f"experts[{i}]", recipe_dir, base, opened, options, hub)
+        _open_expert(i, spec, f"experts[{i}]", recipe_dir, base, opened, options, hub, averaged)
         for i, spec in enumerate(recipe.experts)
     ]
     shared = [
@@ -174,7 +181,10 @@ def _open_and_check(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub
         if tokens:
             log.warning(f"{expert.label}: {len(tokens)} added token(s) left out; the MoE uses the base's vocabulary")
             dropped[expert.label] = tokens
-        expert.check(base, shape.num_layers)
+        expert.check(base, shape.num_layers, all_adapted=averaged and expert in experts)
+    beyond = [layer for layer in recipe.moe_layers or () if layer >= shape.num_layers]
+    if beyond:
+        raise MoemergeError(f"moe_layers: layer {beyond[0]} does not exist; the base has {shape.num_layers} layers")
     for expert in experts:
         expert.down_scale = output.routed_scale(bool(shared))
     return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
@@ -222,19 +232,38 @@ def merge(
     dtype = _output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
     check_output(out, options.force, _read_paths(recipe_path, inputs, prompts.files))
+    tuning_prompts = prompts.labelled or [(text, e) for e, group in enumerate(prompts.positive) for text in group]
+    if recipe.training.tune_on_moe and len({label for _, label in tuning_prompts}) < 2:
+        raise MoemergeError(
+            "training.tune_on_moe: routers are tuned on labelled prompts of at least two experts; give the experts "
+            "positive_prompts or a dataset_csv"
+        )
 
+    moe_layers = recipe.moe_layers if recipe.moe_layers is not None else range(shape.num_layers)
+    dense_layers = tuple(layer for layer in range(shape.num_layers) if layer not in moe_layers)
     layout = MoeLayout(
         shape.family.name,
         len(experts),
         recipe.experts_per_token,
         inputs.shared is not None,
         str(dtype).removeprefix("torch."),
+        dense_layers,
     )
     config = inputs.output.config(base.config, layout)
     if caveat := inputs.output.caveat(layout):
         log.warning(f"{inputs.output.name}: {caveat}")
     gates: dict[str, torch.Tensor] = {}
-    plan = build_plan(inputs.output, base, shape, experts, inputs.shared, dtype, lambda layer: gates["rows"][layer])
+    plan = build_plan(
+        inputs.output,
+        base,
+        shape,
+        experts,
+        inputs.shared,
+        dtype,
+        lambda layer: gates["rows"][layer],
+        recipe.non_expert_weights,
+        frozenset(dense_layers),
+    )
     _check_plan(plan, inputs.output.expected_tensors(config), inputs.output.name)
     context = GateContext(
         base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
@@ -251,6 +280,11 @@ def merge(
         index, digests = write_shards(plan, partial, options.shard_size, advance)
         write_json(partial / "config.json", config)
         _copy_side_files(base, partial)
+        if recipe.training.tune_on_moe:
+            sparse = [layer for layer in range(shape.num_layers) if layer not in dense_layers]
+            tuned = tune_on_moe(partial, inputs.output, sparse, tuning_prompts, len(experts), recipe.training)
+            write_json(partial / TUNING_REPORT, tuned.as_dict())
+            digests |= tuned.shard_sha256
         recipe_text = recipe_path.read_text(encoding="utf-8")
         (partial / RECIPE_COPY).write_text(recipe_text, encoding="utf-8")
         write_json(

@@ -6,29 +6,17 @@ from collections.abc import Callable
 
 import torch
 
-from moemerge.arch import EMBEDDINGS, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
+from moemerge.arch import EMBEDDINGS, LM_HEAD, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
 from moemerge.experts import Expert
 from moemerge.formats.format import OutputFormat
+from moemerge.non_expert import non_expert_tensor
 from moemerge.sources import ModelSource
 from moemerge.writer import PlannedTensor
-
-LM_HEAD = "lm_head.weight"
 
 
 def _layer_of(name: str) -> int:
     parts = name.split(".")
     return int(parts[2]) if name.startswith("model.layers.") else -1
-
-
-def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str | None = None) -> PlannedTensor:
-    return PlannedTensor(
-        out_name or name,
-        base.tensors.shape(name),
-        dtype,
-        lambda: base.tensors.load(name),
-        f"base {name}",
-        base.tensors.byte_range(name, dtype),
-    )
 
 
 def _mlp(expert: Expert, base: ModelSource, layer: int, projection: str, dtype: torch.dtype, out: str) -> PlannedTensor:
@@ -75,39 +63,52 @@ def build_plan(
     shared: Expert | None,
     dtype: torch.dtype,
     gate_rows: Callable[[int], torch.Tensor],
+    non_expert_weights: str = "base",
+    dense_layers: frozenset[int] = frozenset(),
 ) -> list[PlannedTensor]:
     """Layer by layer, so a reader of one shard finds a whole layer together.
 
-    A tied base has no lm_head.weight; the MoE gets an explicit copy of the embeddings (see dense_config).
+    Shared weights follow the `non_expert_weights` policy (moemerge.non_expert). A layer of `dense_layers`
+    keeps one MLP, the shared weight `mlp.*_proj` by the same policy: as a dense MLP where the format holds
+    one, else in every expert slot, behind an all-zero router (every top-k mix of one MLP is that MLP).
+    A tied base has no lm_head.weight; the MoE gets an explicit one (see dense_config).
     """
+
+    def shared_weight(name: str, out_name: str | None = None) -> PlannedTensor:
+        return non_expert_tensor(non_expert_weights, base, experts, name, dtype, out_name)
+
     copied = copied_tensors(base)
     by_layer: dict[int, list[str]] = {}
     for name in copied:
         by_layer.setdefault(_layer_of(name), []).append(name)
-    plan = [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name == EMBEDDINGS]
+    plan = [shared_weight(name) for name in by_layer.get(-1, []) if name == EMBEDDINGS]
     for layer in range(shape.num_layers):
-        plan += [_copy(base, name, dtype) for name in by_layer.get(layer, [])]
+        plan += [shared_weight(name) for name in by_layer.get(layer, [])]
         for projection in output.zero_biases(shape.family):
             rows = base.tensors.shape(f"model.layers.{layer}.self_attn.{projection}.weight")[0]
             bias = f"model.layers.{layer}.self_attn.{projection}.bias"
             plan.append(_filled(bias, (rows,), dtype, 0.0, f"zero {projection} bias"))
-        plan.append(
-            PlannedTensor(
-                output.gate_name(layer),
-                (len(experts), shape.hidden_size),
-                dtype,
-                lambda i=layer: gate_rows(i),
-                "gates",
+        dense = layer in dense_layers
+        if dense and output.holds_dense_layers:
+            plan += [shared_weight(mlp_tensor(layer, projection)) for projection in MLP_PROJECTIONS]
+            continue
+        gate_shape = (len(experts), shape.hidden_size)
+        if dense:
+            plan.append(_filled(output.gate_name(layer), gate_shape, dtype, 0.0, "router of a dense layer"))
+        else:
+            plan.append(
+                PlannedTensor(output.gate_name(layer), gate_shape, dtype, lambda i=layer: gate_rows(i), "gates")
             )
-        )
         for expert in experts:
-            plan += [
-                _mlp(expert, base, layer, projection, dtype, output.expert_name(layer, expert.index, projection))
-                for projection in MLP_PROJECTIONS
-            ]
+            for projection in MLP_PROJECTIONS:
+                out = output.expert_name(layer, expert.index, projection)
+                if dense:
+                    plan.append(shared_weight(mlp_tensor(layer, projection), out))
+                else:
+                    plan.append(_mlp(expert, base, layer, projection, dtype, out))
         if output.holds_shared_expert:
             plan += _shared_expert(output, shared, base, shape, layer, dtype)
-    plan += [_copy(base, name, dtype) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
+    plan += [shared_weight(name) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
     if LM_HEAD not in copied:
-        plan.append(_copy(base, EMBEDDINGS, dtype, out_name=LM_HEAD))
+        plan.append(shared_weight(LM_HEAD))
     return plan

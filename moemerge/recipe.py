@@ -13,6 +13,7 @@ from moemerge.errors import MoemergeError
 from moemerge.formats import canonical_name
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "trained"]
+NonExpertPolicy = Literal["base", "average"]  # where attention, norms, embeddings and dense MLPs come from
 PROMPT_MODES = ("hidden", "cheap_embed", "trained")
 DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
@@ -85,6 +86,7 @@ class TrainingSpec(BaseModel):
     holdout: float = Field(default=0.2, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     layers: list[Annotated[int, Field(ge=0)]] | None = None
+    tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (gates/on_moe.py)
 
 
 class Recipe(BaseModel):
@@ -102,6 +104,18 @@ class Recipe(BaseModel):
     training: TrainingSpec = TrainingSpec()
     architecture: str | None = None  # output format; None: the base family's default (see moemerge.formats)
     shared_experts: list[ExpertSpec] = Field(default=[], max_length=1)
+    # moemerge's own keys (mergekit-moe has none; their defaults build what mergekit-moe builds):
+    non_expert_weights: NonExpertPolicy = "base"  # see moemerge/non_expert.py
+    moe_layers: list[int] | None = Field(default=None, min_length=1)  # None: every layer; others stay dense
+
+    @field_validator("moe_layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if min(value) < 0 or len(set(value)) != len(value):
+            raise ValueError("list each layer once, as a number from 0; e.g. moe_layers: [8, 9, 10]")
+        return sorted(value)
 
     @field_validator("architecture", mode="before")
     @classmethod

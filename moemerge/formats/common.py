@@ -31,6 +31,7 @@ class MoeLayout:
     experts_per_token: int
     shared_expert: bool
     dtype: str
+    dense_layers: tuple[int, ...] = ()  # layers the recipe's moe_layers leaves dense
 
 
 def rope_settings(base: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moemerge.arch import InputFamily
+from moemerge.arch import InputFamily, mlp_tensor
 from moemerge.formats.common import MoeLayout
 
 
@@ -20,6 +20,7 @@ class OutputFormat(ABC):
     experts_key: str  # the config key holding the number of routed experts
     expert_size_key: str  # the config key holding a routed expert's intermediate size
     holds_shared_expert: bool = False
+    holds_dense_layers: bool = False  # config.json can say a layer has a plain MLP (Qwen's mlp_only_layers)
     zero_shared_expert_size: int = 0  # the all-zero shared expert written when the recipe has none
     shared_gate_fill: float = 0.0  # every entry of the shared-expert gate
     refused_families: ClassVar[Mapping[str, str]] = {}  # input family → why this format cannot hold it
@@ -63,10 +64,18 @@ class OutputFormat(ABC):
         """Every tensor an output of this format with this config holds, with its shape."""
 
     def routed_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-        """The routers and routed experts of every layer, with their shapes."""
+        """The router and routed experts of every sparse layer, the plain MLP of every dense one
+        (`mlp_only_layers`), with their shapes."""
         hidden, inter, count = config["hidden_size"], config[self.expert_size_key], config[self.experts_key]
+        dense = set(config.get("mlp_only_layers") or ())
         shapes: dict[str, tuple[int, ...]] = {}
         for layer in range(config["num_hidden_layers"]):
+            if layer in dense:
+                size = config["intermediate_size"]
+                shapes[mlp_tensor(layer, "gate_proj")] = (size, hidden)
+                shapes[mlp_tensor(layer, "up_proj")] = (size, hidden)
+                shapes[mlp_tensor(layer, "down_proj")] = (hidden, size)
+                continue
             shapes[self.gate_name(layer)] = (count, hidden)
             for expert in range(count):
                 shapes[self.expert_name(layer, expert, "gate_proj")] = (inter, hidden)

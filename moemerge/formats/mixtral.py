@@ -21,6 +21,14 @@ class Mixtral(OutputFormat):
         "qwen3": "Qwen3 attention normalises q and k (q_norm/k_norm), which Mixtral lacks; use architecture: qwen3_moe",
     }
 
+    def caveat(self, layout: MoeLayout) -> str | None:
+        if not layout.dense_layers:
+            return None
+        return (
+            f"Mixtral has no dense layers, so layers {list(layout.dense_layers)} hold the same MLP in every "
+            "expert slot behind an all-zero router: a dense layer's output (up to rounding), at a sparse layer's size"
+        )
+
     def gate_name(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe.gate.weight"
 

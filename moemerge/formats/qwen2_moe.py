@@ -62,12 +62,13 @@ class Qwen2Moe(QwenMoeLayout):
         return () if "q_proj.bias" in family.attention_extras else QKV
 
     def caveat(self, layout: MoeLayout) -> str | None:
-        if layout.experts_per_token >= layout.num_experts:
-            return None
-        return (
-            "llama.cpp does not renormalise Qwen2-MoE's top-k router weights (transformers and vLLM do): "
-            "there each layer's routed output is scaled by the chosen experts' share of the softmax"
-        )
+        notes = [super().caveat(layout)]
+        if layout.experts_per_token < layout.num_experts:
+            notes.append(
+                "llama.cpp does not renormalise Qwen2-MoE's top-k router weights (transformers and vLLM do): "
+                "there each layer's routed output is scaled by the chosen experts' share of the softmax"
+            )
+        return "; ".join(note for note in notes if note) or None
 
     def routed_scale(self, shared_expert: bool) -> float:
         return 1.0 - SHARED_GATE_WEIGHT if shared_expert else 1.0
@@ -88,7 +89,10 @@ class Qwen2Moe(QwenMoeLayout):
         biases = {"q_proj.bias": (heads * head_dim,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)}
         shapes = {**dense_shapes(config, biases if config.get("qkv_bias", True) else {}), **self.routed_shapes(config)}
         hidden, shared = config["hidden_size"], config["shared_expert_intermediate_size"]
+        dense = set(config.get("mlp_only_layers") or ())
         for layer in range(config["num_hidden_layers"]):
+            if layer in dense:
+                continue
             shapes[self.shared_expert_name(layer, "gate_proj")] = (shared, hidden)
             shapes[self.shared_expert_name(layer, "up_proj")] = (shared, hidden)
             shapes[self.shared_expert_name(layer, "down_proj")] = (hidden, shared)
