@@ -94,15 +94,16 @@ def _writing_shard(out: Path, number: int, replacing: bool = False):
 
 
 def _computing_gates(process: subprocess.Popen, recipe: Path, out: Path):
-    """True while the dense base is mapped for the hidden-state pass and no output folder exists yet."""
-    base_file = str((recipe.parent / "base" / "model.safetensors").resolve())
+    """True once the gate pass has begun (the base's tokenizer is loaded: the tokenizers library's native code is
+    mapped, which a merge imports for the gates only) and no output folder exists yet. The base's weights are
+    streamed a layer at a time through short reads, so they are not a state that lasts long enough to catch."""
 
     def condition() -> bool:
         try:
             maps = Path(f"/proc/{process.pid}/maps").read_text()
         except OSError:
             return False
-        return base_file in maps and not _partials(out) and not out.exists()
+        return "/tokenizers/" in maps and not _partials(out) and not out.exists()
 
     return condition
 
