@@ -15,23 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hostile import assert_refused, copy_sources, make_sources, run_cli, tree
+from hostile import assert_refused, run_cli, tree
 from safetensors.torch import load_file, save_file
 from tiny_models import write_recipe
 
 CLI = str(Path(sys.executable).parent / "moemerge")
-
-
-@pytest.fixture(scope="module")
-def masters(tmp_path_factory) -> Path:
-    return make_sources(tmp_path_factory.mktemp("masters"))
-
-
-@pytest.fixture
-def work(masters, tmp_path, monkeypatch) -> Path:
-    copy_sources(masters, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def recipe(work: Path, experts: list | None = None, **fields) -> Path:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hostile import assert_refused, copy_sources, make_sources, run_cli, split_safetensors, tree, write_safetensors
+from hostile import assert_refused, run_cli, split_safetensors, tree, write_safetensors
 from safetensors.torch import load_file, save_file
 from tiny_models import write_recipe
 
@@ -19,18 +19,6 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 UP1 = "model.layers.1.mlp.up_proj.weight"
 GATE1 = "model.layers.1.mlp.gate_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def masters(tmp_path_factory) -> Path:
-    return make_sources(tmp_path_factory.mktemp("masters"))
-
-
-@pytest.fixture
-def work(masters, tmp_path, monkeypatch) -> Path:
-    copy_sources(masters, tmp_path)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def edit_header(file: Path, edit: Callable[[dict], object]) -> None:
