@@ -165,11 +165,42 @@ def restricted(model: PreTrainedModel, decision: Decision | None) -> Iterator[No
     routers = _routers(model)
     restriction = _Restriction(decision, routers[0].num_experts, routers[0].weight.device)
     handles = [router.register_forward_hook(restriction.hook) for router in routers]
+    same_for_every_token = len(decision.experts) == 1 or decision.mixing == "fixed"
+    stacks = [block.experts for block in model.modules() if _is_stacked_experts(getattr(block, "experts", None))]
+    if same_for_every_token:
+        for stack in stacks:
+            stack.forward = _chosen_experts_forward(stack, list(decision.experts))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        if same_for_every_token:
+            for stack in stacks:
+                del stack.forward
+
+
+def _is_stacked_experts(module: Any) -> bool:
+    """transformers 5's experts module: every expert's MLP stacked in 3-D `gate_up_proj` and `down_proj`."""
+    return isinstance(module, torch.nn.Module) and all(
+        hasattr(module, name) for name in ("gate_up_proj", "down_proj", "act_fn")
+    )
+
+
+def _chosen_experts_forward(stack: torch.nn.Module, chosen: list[int]):
+    """The experts module's forward when every token runs the same experts: each chosen expert's MLP on all
+    tokens at once, the same arithmetic per token as the family's loop without its per-expert one-hot, gather
+    and scatter, which dominate a decoding step of a small model (measured in benchmarks/request_routing.py)."""
+
+    def forward(hidden: torch.Tensor, _indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for column, expert in enumerate(chosen):
+            gate, up = torch.nn.functional.linear(hidden, stack.gate_up_proj[expert]).chunk(2, dim=-1)
+            mlp = torch.nn.functional.linear(stack.act_fn(gate) * up, stack.down_proj[expert])
+            out += (mlp * weights[:, column, None]).to(out.dtype)
+        return out
+
+    return forward
 
 
 def experts_run(decision: Decision | None, router_logits: torch.Tensor, top_k: int) -> torch.Tensor:

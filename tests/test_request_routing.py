@@ -136,6 +136,23 @@ def test_fixed_mixing_uses_the_decision_weights_for_every_token(moe):
         assert (logits_of(model, ids) - got).abs().max() > 1e-3  # the two mixings differ
 
 
+def test_fixed_mixing_with_unequal_weights_scales_each_expert_by_its_own_weight(moe):
+    """Weights 0.7 / 0.3 = the zero-router two-expert MoE (1/2 each) with down_proj scaled by 1.4 and 0.6."""
+    model, _, out = moe
+    ids = input_ids()
+    with restricted(model, Decision((1, 2), (0.7, 0.3), "router", "fixed")):
+        got = logits_of(model, ids)
+    small = _sliced(model, out, [1, 2], zero_router=True)
+    with torch.no_grad():
+        for name, param in small.named_parameters():
+            if name.endswith("mlp.experts.down_proj"):
+                param[0] *= 1.4
+                param[1] *= 0.6
+    assert (got - logits_of(small, ids)).abs().max() <= 1e-5
+    with restricted(model, Decision.forced([1, 2], mixing="fixed")):
+        assert (logits_of(model, ids) - got).abs().max() > 1e-3  # the weights matter
+
+
 @pytest.mark.parametrize(
     "settings, field",
     [
