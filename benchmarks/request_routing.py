@@ -181,13 +181,15 @@ def markdown(results: dict) -> str:
     lines += [
         f"**Generation speed** (demo model, `Engine` of `moemerge serve` in-process, greedy, the 3 demo chat "
         f"questions per round, up to {settings['max_tokens']} tokens each, {speed['threads']} torch thread, "
-        f"{settings['rounds']} rounds alternating the order; tokens/s include the prompt pass and the decision)",
+        f"{settings['rounds']} rounds alternating the order; end to end: tokens/s including the prompt pass and "
+        "the decision; decoding: tokens after the first one, per second after the first one arrived)",
         "",
     ]
-    lines += ["| routing | tokens/s | completion tokens |", "|---|---|---|"]
+    lines += ["| routing | tokens/s end to end | tokens/s decoding | completion tokens |", "|---|---|---|---|"]
     for mode, rates in speed["tokens_per_second"].items():
-        lines.append(f"| {mode} | {_spread(rates)} | {_spread(speed['completion_tokens'][mode], 0)} |")
-    lines.append(f"| request / token | {_spread(speed['ratio'])}× | |")
+        decoding = _spread(speed["decode_tokens_per_second"][mode])
+        lines.append(f"| {mode} | {_spread(rates)} | {decoding} | {_spread(speed['completion_tokens'][mode], 0)} |")
+    lines.append(f"| request / token | {_spread(speed['ratio'])}× | {_spread(speed['decode_ratio'])}× | |")
     return "\n".join(lines) + "\n"
 
 
