@@ -20,16 +20,16 @@ try:  # typer vendors click since 0.20; older typer uses click itself
 except ImportError:  # pragma: no cover
     from click import ClickException
 
+from moemerge.build.merge import MergeSummary, merge, options_from
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
-from moemerge.evaluate import DECIDE_TOKENS, evaluate
-from moemerge.hub import check_push_target, push
+from moemerge.hub.download import check_push_target, push
+from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
-from moemerge.merge import MergeSummary, merge, options_from
-from moemerge.prompts import read_dataset_csv, read_prompt_file
-from moemerge.request_routing import RequestRouting, checked_for_cli, decide
-from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
-from moemerge.verify import verify
+from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
+from moemerge.tools.request_routing import RequestRouting, checked_for_cli, decide
+from moemerge.tools.routing import EXPERT_COLORS, Routing, load_moe, route
+from moemerge.tools.verify import verify
 
 app = typer.Typer(
     add_completion=False,
@@ -270,7 +270,7 @@ def serve_command(
     request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Serve OUT over an OpenAI-compatible HTTP API whose replies say which experts answered."""
-    from moemerge.serve import serve  # FastAPI and uvicorn only for this command
+    from moemerge.tools.serve import serve  # FastAPI and uvicorn only for this command
 
     settings = RequestRouting(routing, request_top_k, request_mixing)
     serve(out, host, port, resolve_device(device), model_name, settings)
@@ -296,7 +296,7 @@ def chat_command(
     ] = None,
 ) -> None:
     """Chat with OUT in the terminal; after each answer, a bar of the experts' shares."""
-    from moemerge.chat import chat
+    from moemerge.tools.chat import chat
 
     forced = tuple(expert or ())
     if forced and routing == "token":

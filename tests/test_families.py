@@ -25,10 +25,10 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM
 
+from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.merge import MergeOptions, merge
-from moemerge.routing import load_moe, route
-from moemerge.verify import verify
+from moemerge.tools.routing import load_moe, route
+from moemerge.tools.verify import verify
 
 # (input family, `architecture:` in the recipe or None for the default, the class transformers must load)
 PAIRS = [

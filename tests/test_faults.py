@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tiny_models import make_base, make_expert, write_recipe
 
-from moemerge.verify import verify
+from moemerge.tools.verify import verify
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 

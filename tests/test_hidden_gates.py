@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
 from moemerge.gates.hidden import SHRINKAGE, _discriminant
-from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
-from moemerge.sources import ModelSource
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.inputs.sources import ModelSource
 
 PROMPTS = [
     ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],

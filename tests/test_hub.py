@@ -2,7 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN when it is imported, so merges
 run as `moemerge` subprocesses with those variables set; pushes that need no environment run in-process
-with an `HfApi(endpoint=...)` handed to `moemerge.hub.push`.
+with an `HfApi(endpoint=...)` handed to `moemerge.hub.download.push`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from safetensors import safe_open
 from tiny_models import make_base, make_expert, make_lora, write_recipe
 from transformers import LlamaForCausalLM
 
-from moemerge.card import front_matter
+from moemerge.build.card import front_matter
+from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.hub import HubFetcher, parse_hub_id, push
-from moemerge.merge import MergeOptions, merge
-from moemerge.verify import verify
+from moemerge.hub.download import HubFetcher, parse_hub_id, push
+from moemerge.tools.verify import verify
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 TOKEN = "hf_plantedSECRET123"
@@ -233,8 +233,8 @@ def test_model_card_metadata_and_body(merged):
 
 
 def test_trained_gates_card_reports_held_out_accuracy(tmp_path):
-    from moemerge.card import model_card
-    from moemerge.recipe import parse_recipe
+    from moemerge.build.card import model_card
+    from moemerge.inputs.recipe import parse_recipe
 
     recipe = parse_recipe(
         {

@@ -22,9 +22,9 @@ from hostile import run_cli, tree
 from tiny_models import make_base, write_recipe
 
 from moemerge import MergeOptions, interrupt, merge
-from moemerge.staging import staged_output
+from moemerge.build.staging import staged_output
 
-MERGE_MODULE = importlib.import_module("moemerge.merge")  # `moemerge.merge` is also the function
+MERGE_MODULE = importlib.import_module("moemerge.build.merge")  # `moemerge.merge` is the function
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 SHARD = 10_000_000

@@ -36,10 +36,10 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM
 
-from moemerge import filecopy
+from moemerge.build import filecopy
+from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
 from moemerge.gates.random_gates import random_gates
-from moemerge.merge import MergeOptions, merge
 
 GATE_MODES = ["hidden", "cheap_embed", "random", "uniform_random"]
 FAMILIES = ["llama", "mistral"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tiny_models import input_ids, load_model, logits_of, make_base, make_expert, read_tensors, write_recipe
 
+from moemerge.build.merge import merge
 from moemerge.errors import MoemergeError
-from moemerge.merge import merge
 
 QWEN = [("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
 

@@ -25,8 +25,8 @@ from tiny_models import (
 )
 from transformers import AutoModelForCausalLM
 
+from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.merge import MergeOptions, merge
 
 MIXTRAL_SLOT = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 

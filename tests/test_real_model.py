@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from moemerge import MergeOptions, merge
-from moemerge.routing import load_moe, route
-from moemerge.verify import verify
+from moemerge.tools.routing import load_moe, route
+from moemerge.tools.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moemerge.errors import MoemergeError
-from moemerge.recipe import Recipe, load_recipe, parse_recipe
+from moemerge.inputs.recipe import Recipe, load_recipe, parse_recipe
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:

@@ -16,10 +16,10 @@ import torch
 from tiny_models import input_ids, load_model, logits_of, make_base, make_expert, write_recipe
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moemerge.evaluate import evaluate
-from moemerge.merge import MergeOptions, merge
-from moemerge.request_routing import Decision, RequestRouting, RoutingSettingsError, decide, restricted
-from moemerge.routing import load_moe
+from moemerge.build.merge import MergeOptions, merge
+from moemerge.tools.evaluate import evaluate
+from moemerge.tools.request_routing import Decision, RequestRouting, RoutingSettingsError, decide, restricted
+from moemerge.tools.routing import load_moe
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 # (input family, `architecture:` in the recipe, or None for its default)

@@ -26,7 +26,7 @@ from tiny_models import make_base, make_expert, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moemerge import MergeOptions, merge
-from moemerge.serve import FALLBACK_CHAT_TEMPLATE, Engine, TextStream
+from moemerge.tools.serve import FALLBACK_CHAT_TEMPLATE, Engine, TextStream
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 NAMES = ["code", "law", "math"]
@@ -331,7 +331,7 @@ def test_chat_streams_answers_and_shows_expert_bar(out, monkeypatch):
     """In-process (a subprocess would spend most of its time importing torch); the serve tests cover the CLI."""
     from rich.console import Console
 
-    from moemerge.chat import chat
+    from moemerge.tools.chat import chat
 
     lines = iter(["hello", "/reset", "what is law", "/quit", "never read"])
 
@@ -470,8 +470,8 @@ def test_serve_bad_routing_flags_get_one_line_error(out, flags, words):
 def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
     from rich.console import Console
 
-    from moemerge.chat import chat
-    from moemerge.request_routing import RequestRouting
+    from moemerge.tools.chat import chat
+    from moemerge.tools.request_routing import RequestRouting
 
     lines = iter(["hello", "/quit"])
     monkeypatch.setattr("builtins.input", lambda *_: next(lines))

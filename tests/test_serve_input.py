@@ -11,7 +11,7 @@ from hostile import run_cli
 from starlette.testclient import TestClient
 from tiny_models import make_base, write_recipe
 
-from moemerge.serve import Engine, create_app
+from moemerge.tools.serve import Engine, create_app
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moemerge.recipe import load_recipe
+from moemerge.inputs.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.glob("recipes/*.yaml")) + sorted(ROOT.glob("examples/*.yaml"))

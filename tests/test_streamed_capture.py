@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moemerge import MergeOptions, merge
 from moemerge.gates import trained
 from moemerge.gates.hidden import SHRINKAGE
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
 from moemerge.gates.trained import fit_gates, sample_tokens
-from moemerge.recipe import TrainingSpec
-from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
-from moemerge.sources import ModelSource
+from moemerge.inputs.recipe import TrainingSpec
+from moemerge.inputs.sources import ModelSource
 
 # Llama 3.1's rope scaling, with an original context shorter than the prompts below.
 LLAMA3 = dict(

@@ -224,7 +224,7 @@ def test_one_prompt_per_expert_leaves_nothing_to_hold_out():
     """With fewer than 2 prompts per expert no prompt is held out, whatever `holdout` says: the report says the
     accuracy is on the training prompts."""
     from moemerge.gates.trained import train_gates
-    from moemerge.recipe import TrainingSpec
+    from moemerge.inputs.recipe import TrainingSpec
 
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 12, 8, generator=generator)

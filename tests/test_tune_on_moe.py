@@ -14,8 +14,8 @@ import pytest
 import torch
 from tiny_models import load_model, make_base, make_expert, read_tensors, tiny_tokenizer, write_recipe
 
+from moemerge.build.merge import merge
 from moemerge.errors import MoemergeError
-from moemerge.merge import merge
 
 LETTERS = ["abcdefgh", "ijklmnop", "qrstuvwx"]
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_base, make_expert, write_recipe
 
 from moemerge import MergeOptions, MoemergeError, merge
-from moemerge.verify import verify
+from moemerge.tools.verify import verify
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tiny_models import make_base, make_expert, make_lora, read_tensors, tiny_tokenizer, write_recipe
 
+from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.merge import MergeOptions, merge
 
 
 @pytest.fixture(scope="module")

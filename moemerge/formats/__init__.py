@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from moemerge.arch import InputFamily
 from moemerge.errors import MoemergeError
 from moemerge.formats.format import OutputFormat
 from moemerge.formats.mixtral import Mixtral
 from moemerge.formats.qwen2_moe import Qwen2Moe
 from moemerge.formats.qwen3_moe import Qwen3Moe
+from moemerge.inputs.families import InputFamily
 
 log = logging.getLogger("moemerge")
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe())}

@@ -14,27 +14,27 @@ import torch
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as validated_dataclass
 
-from moemerge.arch import DenseShape, check_expert_shape, check_tensor_names, dense_shape
-from moemerge.card import base_license, model_card
+from moemerge.build.card import base_license, model_card
+from moemerge.build.plan import build_plan
+from moemerge.build.staging import check_output, output_folder, staged_output
+from moemerge.build.writer import PlannedTensor, write_json, write_shards
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
-from moemerge.experts import Expert
 from moemerge.formats import choose_format
 from moemerge.formats.common import MoeLayout
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.compute import GateContext, compute_gates
 from moemerge.gates.on_moe import tune_on_moe
-from moemerge.hub import HubFetcher
-from moemerge.lora import LoraAdapter
-from moemerge.plan import build_plan
+from moemerge.hub.download import HubFetcher
+from moemerge.inputs.experts import Expert
+from moemerge.inputs.families import DenseShape, check_expert_shape, check_tensor_names, dense_shape
+from moemerge.inputs.lora import LoraAdapter
+from moemerge.inputs.prompts import gather_prompts
+from moemerge.inputs.recipe import DTYPE_ALIASES, ExpertSpec, Recipe, load_recipe
+from moemerge.inputs.sources import SIDE_FILES, ModelSource, resolve_reference
+from moemerge.inputs.vocab import vocab_mismatch
 from moemerge.progress import Progress, Silent
-from moemerge.prompts import gather_prompts
-from moemerge.recipe import DTYPE_ALIASES, ExpertSpec, Recipe, load_recipe
-from moemerge.sources import SIDE_FILES, ModelSource, resolve_reference
-from moemerge.staging import check_output, output_folder, staged_output
-from moemerge.verify import DIGESTS, MANIFEST, check_structure
-from moemerge.vocab import vocab_mismatch
-from moemerge.writer import PlannedTensor, write_json, write_shards
+from moemerge.tools.verify import DIGESTS, MANIFEST, check_structure
 
 log = logging.getLogger("moemerge")
 RECIPE_COPY = "moemerge_recipe.yaml"

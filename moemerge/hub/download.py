@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from moemerge.errors import MoemergeError
+from moemerge.inputs.sources import ADAPTER_CONFIG, SIDE_FILES
 from moemerge.progress import Progress, Silent
-from moemerge.sources import ADAPTER_CONFIG, SIDE_FILES
 
 CONFIG = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.model_files import DenseConfig, ShardIndex, read_json, typed
-from moemerge.safetensors_header import TensorInfo, read_weights
+from moemerge.inputs.model_files import DenseConfig, ShardIndex, read_json, typed
+from moemerge.inputs.safetensors_header import TensorInfo, read_weights
 
 if TYPE_CHECKING:
-    from moemerge.hub import HubFetcher
+    from moemerge.hub.download import HubFetcher
 
 ADAPTER_CONFIG = "adapter_config.json"
 # What the output copies from the base besides weights: tokenizer, chat template, generation config.
@@ -61,9 +61,9 @@ def resolve_reference(
     text: str, key: str, recipe_dir: Path, base: Path | None, hub: HubFetcher | None = None
 ) -> Reference:
     """Turn `path`, `adapter_dir` (applied to the base), mergekit's `model+adapter`, or a Hub id
-    `org/name[@revision]` (when no such local path exists; see moemerge.hub) into folders.
+    `org/name[@revision]` (when no such local path exists; see moemerge.hub.download) into folders.
     `hub` downloads, and records what each key resolved to."""
-    from moemerge.hub import HubFetcher
+    from moemerge.hub.download import HubFetcher
 
     hub = hub if hub is not None else HubFetcher()
     found = find_path(text, recipe_dir) or hub.fetch(text, key, "base" if base is None else "expert")

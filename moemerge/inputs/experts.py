@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from moemerge.arch import MLP_PROJECTIONS, mlp_tensor, stored_name
 from moemerge.errors import MoemergeError
-from moemerge.lora import LoraAdapter
-from moemerge.recipe import ExpertSpec
-from moemerge.safetensors_header import TensorInfo
-from moemerge.sources import ModelSource
+from moemerge.inputs.families import MLP_PROJECTIONS, mlp_tensor, stored_name
+from moemerge.inputs.lora import LoraAdapter
+from moemerge.inputs.recipe import ExpertSpec
+from moemerge.inputs.safetensors_header import TensorInfo
+from moemerge.inputs.sources import ModelSource
 
 
 class Expert:

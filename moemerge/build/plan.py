@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from moemerge.arch import EMBEDDINGS, LM_HEAD, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
-from moemerge.experts import Expert
+from moemerge.build.non_expert import non_expert_tensor
+from moemerge.build.writer import PlannedTensor
 from moemerge.formats.format import OutputFormat
-from moemerge.non_expert import non_expert_tensor
-from moemerge.sources import ModelSource
-from moemerge.writer import PlannedTensor
+from moemerge.inputs.experts import Expert
+from moemerge.inputs.families import EMBEDDINGS, LM_HEAD, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
+from moemerge.inputs.sources import ModelSource
 
 
 def _layer_of(name: str) -> int:
@@ -68,7 +68,7 @@ def build_plan(
 ) -> list[PlannedTensor]:
     """Layer by layer, so a reader of one shard finds a whole layer together.
 
-    Shared weights follow the `non_expert_weights` policy (moemerge.non_expert). A layer of `dense_layers`
+    Shared weights follow the `non_expert_weights` policy (moemerge.build.non_expert). A layer of `dense_layers`
     keeps one MLP, the shared weight `mlp.*_proj` by the same policy: as a dense MLP where the format holds
     one, else in every expert slot, behind an all-zero router (every top-k mix of one MLP is that MLP).
     A tied base has no lm_head.weight; the MoE gets an explicit one (see dense_config).

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from moemerge.errors import MoemergeError
 from moemerge.gates.trained import split_prompts
-from moemerge.recipe import PROMPT_MODES, Recipe
-from moemerge.sources import find_path
+from moemerge.inputs.recipe import PROMPT_MODES, Recipe
+from moemerge.inputs.sources import find_path
 
 log = logging.getLogger("moemerge")
 

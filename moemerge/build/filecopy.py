@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from moemerge.errors import MoemergeError
-from moemerge.safetensors_header import TensorInfo
+from moemerge.inputs.safetensors_header import TensorInfo
 
 # copy_file_range fails with these where the kernel cannot copy between the two files (other file systems,
 # older kernels) or a sandbox forbids the call; the bytes then go through user space.

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from moemerge.errors import MoemergeError
-from moemerge.sources import ModelSource
+from moemerge.inputs.sources import ModelSource
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def copied_tensors(source: ModelSource) -> list[str]:
 def check_expert_shape(base: DenseShape, expert: DenseShape, label: str) -> None:
     """An expert must be the same network as the base up to its weights; say which size differs.
 
-    The vocabulary is checked apart (moemerge.vocab), since it has a way out."""
+    The vocabulary is checked apart (moemerge.inputs.vocab), since it has a way out."""
     if expert.family != base.family:
         raise MoemergeError(
             f"{label}: a {expert.family.name} model, but the base is {base.family.name}; experts must match the base"

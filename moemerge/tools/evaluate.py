@@ -1,5 +1,5 @@
 """`moemerge eval`: routing accuracy (and perplexity) of a merged model on a labelled prompt set, per token and
-per request (one decision per text, see moemerge/request_routing.py)."""
+per request (one decision per text, see moemerge/tools/request_routing.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from moemerge.request_routing import decide, restricted
-from moemerge.routing import next_token_losses, route, tokenize
+from moemerge.tools.request_routing import decide, restricted
+from moemerge.tools.routing import next_token_losses, route, tokenize
 
 DECIDE_TOKENS = 32  # request perplexity: decided from the text's first tokens (BOS included), scored on the rest
 

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 import torch
 
-from moemerge.arch import EMBEDDINGS
 from moemerge.errors import MoemergeError
-from moemerge.sources import ModelSource
+from moemerge.inputs.families import EMBEDDINGS
+from moemerge.inputs.sources import ModelSource
 
 
 class _PassThrough(torch.nn.Module):

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from moemerge.arch import stored_name
+from moemerge.build.writer import PlannedTensor
 from moemerge.errors import MoemergeError
-from moemerge.experts import Expert
-from moemerge.sources import ModelSource
-from moemerge.writer import PlannedTensor
+from moemerge.inputs.experts import Expert
+from moemerge.inputs.families import stored_name
+from moemerge.inputs.sources import ModelSource
 
 
 def _copy(base: ModelSource, name: str, dtype: torch.dtype, out_name: str) -> PlannedTensor:

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
+from moemerge.build.writer import INDEX_NAME
 from moemerge.errors import MoemergeError
 from moemerge.formats import config_tensors, format_of_config
 from moemerge.hf import load_model
-from moemerge.model_files import ShardIndex, read_json, typed
-from moemerge.safetensors_header import TensorInfo, read_weights
-from moemerge.sources import TensorStore
-from moemerge.writer import INDEX_NAME
+from moemerge.inputs.model_files import ShardIndex, read_json, typed
+from moemerge.inputs.safetensors_header import TensorInfo, read_weights
+from moemerge.inputs.sources import TensorStore
 
 MANIFEST = "moemerge.json"
 DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written

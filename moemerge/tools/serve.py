@@ -13,7 +13,7 @@ Routing, as reported in every reply (`routing` object):
 Each token picks top-k experts per layer, so the shares of all experts sum to top-k, not 1.
 `top_expert` is the expert with the largest completion share (ties: larger prompt share, then lower index).
 
-Request routing (`--routing request` or a request's `routing` object; moemerge/request_routing.py): one decision
+Request routing (`--routing request` or a request's `routing` object; moemerge/tools/request_routing.py): one decision
 per request, from the routers' mean probabilities over the request's text, then every layer runs only the chosen
 experts for the prompt and every generated token. The shares then count the experts that ran, `top_k` is how
 many ran per token, `top_expert` is the decision's first expert, and `chosen`, `decided_by` and `mixing` say
@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
-from moemerge.request_routing import (
+from moemerge.tools.request_routing import (
     Decision,
     RequestRouting,
     RoutingPlan,
@@ -55,9 +55,9 @@ from moemerge.request_routing import (
     experts_run,
     restricted,
 )
-from moemerge.routing import load_moe, tokenize
+from moemerge.tools.routing import load_moe, tokenize
 
-log = logging.getLogger("moemerge.serve")
+log = logging.getLogger("moemerge.tools.serve")
 
 # Used when the tokenizer has no chat template of its own: one "role: content" line per message.
 FALLBACK_CHAT_TEMPLATE = (

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import torch
 
+from moemerge.build.filecopy import Writeback, copy_range, truncated
 from moemerge.errors import MoemergeError
-from moemerge.filecopy import Writeback, copy_range, truncated
-from moemerge.safetensors_header import DTYPE_NAMES, TensorInfo
+from moemerge.inputs.safetensors_header import DTYPE_NAMES, TensorInfo
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash

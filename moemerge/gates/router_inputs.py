@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moemerge.activations import DEFAULT_BUDGET, Activations
-from moemerge.layer_stream import LayerStack
-from moemerge.sources import ModelSource
+from moemerge.gates.activations import DEFAULT_BUDGET, Activations
+from moemerge.gates.layer_stream import LayerStack
+from moemerge.inputs.sources import ModelSource
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

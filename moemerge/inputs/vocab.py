@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
-from moemerge.arch import EMBEDDINGS
 from moemerge.errors import MoemergeError
-from moemerge.sources import ModelSource
+from moemerge.inputs.families import EMBEDDINGS
+from moemerge.inputs.sources import ModelSource
 
 _SHOWN = 5
 log = logging.getLogger("moemerge")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from moemerge.arch import MLP_PROJECTIONS
 from moemerge.errors import MoemergeError
-from moemerge.model_files import LoraConfig, typed
-from moemerge.sources import TensorStore
+from moemerge.inputs.families import MLP_PROJECTIONS
+from moemerge.inputs.model_files import LoraConfig, typed
+from moemerge.inputs.sources import TensorStore
 
 log = logging.getLogger("moemerge")
 _KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")

@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from moemerge.hub import origin_name, parse_hub_id
-from moemerge.recipe import Recipe
+from moemerge.hub.download import origin_name, parse_hub_id
+from moemerge.inputs.recipe import Recipe
 
 PROMPTS_SHOWN = 5
 GATE_MODES = {

@@ -1,6 +1,6 @@
 """`moemerge chat`: a terminal chat with a merged MoE that shows which experts wrote each answer.
 
-It runs the same Engine as `moemerge serve` (moemerge/serve.py), in-process and without FastAPI."""
+It runs the same Engine as `moemerge serve` (moemerge/tools/serve.py), in-process and without FastAPI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from moemerge.request_routing import RequestRouting, RoutingPlan, decision_text
-from moemerge.routing import EXPERT_COLORS
-from moemerge.serve import Delta, Engine, Finished, RequestError
+from moemerge.tools.request_routing import RequestRouting, RoutingPlan, decision_text
+from moemerge.tools.routing import EXPERT_COLORS
+from moemerge.tools.serve import Delta, Engine, Finished, RequestError
 
 HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer"
 
