@@ -26,7 +26,8 @@ from tiny_models import make_base, make_expert, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moemerge import MergeOptions, merge
-from moemerge.tools.serve import FALLBACK_CHAT_TEMPLATE, Engine, TextStream
+from moemerge.tools.engine import FALLBACK_CHAT_TEMPLATE, Engine
+from moemerge.tools.text_stream import TextStream
 
 CLI = str(Path(sys.executable).parent / "moemerge")
 NAMES = ["code", "law", "math"]

@@ -11,7 +11,8 @@ from hostile import run_cli
 from starlette.testclient import TestClient
 from tiny_models import make_base, write_recipe
 
-from moemerge.tools.serve import Engine, create_app
+from moemerge.tools.engine import Engine
+from moemerge.tools.serve import create_app
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`moemerge chat`: a terminal chat with a merged MoE that shows which experts wrote each answer.
 
-It runs the same Engine as `moemerge serve` (moemerge/tools/serve.py), in-process and without FastAPI."""
+It runs the same Engine as `moemerge serve` (moemerge/tools/engine.py), in-process and without FastAPI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused
 from moemerge.tools.request_routing import RequestRouting, RoutingPlan, decision_text
 from moemerge.tools.routing import EXPERT_COLORS
-from moemerge.tools.serve import Delta, Engine, Finished, RequestError
 
 HELP = "/reset forgets the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops an answer"
 
@@ -88,7 +88,7 @@ def chat(
         try:
             ids = engine.chat_ids(messages)
             engine.check(ids, params)
-        except RequestError as exc:
+        except RequestRefused as exc:
             console.print(f"[red]error:[/red] {exc.message} (/reset starts over)", soft_wrap=True)
             continue
         plan = RoutingPlan(engine.routing, decision_text(messages))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moemerge.errors import MoemergeError
+from moemerge.files import CONFIG, MANIFEST, read_json_object
 from moemerge.formats import format_of_config
 from moemerge.hf import load_model, load_tokenizer
 
@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 # One colour per expert (by index), shared by every terminal view of routing.
 EXPERT_COLORS = ("red", "green", "blue", "yellow", "magenta", "cyan", "white", "bright_red")
+
+
+def expert_counts(choices: torch.Tensor, experts: int) -> torch.Tensor:
+    """Per expert: how many (layer, token) pairs of `choices` [layers, tokens, k] picked it. The one rule for
+    counting top-k routing, used by `moemerge route` and by every reply the engine gives."""
+    return torch.bincount(choices.reshape(-1), minlength=experts)
 
 
 @dataclass
@@ -48,8 +54,7 @@ class Routing:
     def shares(self) -> torch.Tensor:
         """Per expert: the fraction of (layer, token) pairs whose top-k included it; sums to top_k."""
         layers, tokens, experts = self.logits.shape
-        counts = torch.bincount(self.choices.reshape(-1), minlength=experts).float()
-        return counts / max(1, layers * tokens)
+        return expert_counts(self.choices, experts).float() / max(1, layers * tokens)
 
     def layer_shares(self) -> torch.Tensor:
         """[layers, experts]: per layer, the fraction of tokens whose top-k included each expert."""
@@ -95,9 +100,9 @@ def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str)
 
 def expert_names(out: Path, count: int) -> list[str]:
     """Names saved by the merge in moemerge.json, or expert0.. for outputs made elsewhere."""
-    manifest = out / "moemerge.json"
+    manifest = out / MANIFEST
     if manifest.is_file():
-        names = json.loads(manifest.read_text(encoding="utf-8")).get("expert_names") or []
+        names = read_json_object(manifest).get("expert_names") or []
         if len(names) == count:
             return names
     return [f"expert{i}" for i in range(count)]
@@ -105,13 +110,10 @@ def expert_names(out: Path, count: int) -> list[str]:
 
 def load_moe(out: Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
     """A merged output, its tokenizer and its expert names; refuses folders that are not MoE outputs."""
-    if not (out / "config.json").is_file():
-        raise MoemergeError(f"{out}: not a model folder (no config.json)")
-    try:
-        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MoemergeError(f"{out / 'config.json'}: not valid JSON") from None
-    count = format_of_config(config, str(out / "config.json")).num_experts(config)
+    if not (out / CONFIG).is_file():
+        raise MoemergeError(f"{out}: not a model folder (no {CONFIG})")
+    config = read_json_object(out / CONFIG)
+    count = format_of_config(config, str(out / CONFIG)).num_experts(config)
     model = load_model(out, torch.float32).to(device)
     tokenizer = load_tokenizer(out)
     return model, tokenizer, expert_names(out, count)

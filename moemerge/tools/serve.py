@@ -1,23 +1,9 @@
-"""Talk to a merged MoE: the generation engine (shared with `moemerge chat`) and an OpenAI-compatible server.
+"""`moemerge serve`: an OpenAI-compatible HTTP server around the generation engine (tools/engine.py).
 
-The engine is plain torch + transformers: a decoding loop over a KV cache that reads every layer's router
-logits at every step, so each reply can say which experts produced it. FastAPI and uvicorn (the `serve`
-extra) are imported only when the server is built, so `moemerge chat` and the merge itself do not need them.
-
-Routing, as reported in every reply (`routing` object):
-- prompt share of expert e: the fraction of (layer, prompt token) pairs whose router top-k includes e, over
-  every token the model reads (chat template and BOS included: the `usage.prompt_tokens` tokens);
-- completion share of expert e: the same over (layer, generated token) pairs, where a generated token's
-  routing is that of the forward pass that produced it (the position before it: the last prompt token for the
-  first generated token). An end-of-sequence token the model generated counts, as in `usage`.
-Each token picks top-k experts per layer, so the shares of all experts sum to top-k, not 1.
-`top_expert` is the expert with the largest completion share (ties: larger prompt share, then lower index).
-
-Request routing (`--routing request` or a request's `routing` object; moemerge/tools/request_routing.py): one decision
-per request, from the routers' mean probabilities over the request's text, then every layer runs only the chosen
-experts for the prompt and every generated token. The shares then count the experts that ran, `top_k` is how
-many ran per token, `top_expert` is the decision's first expert, and `chosen`, `decided_by` and `mixing` say
-what was decided; `routing_duration` includes the decision's router pass. `mode` says which routing decided.
+A thin adapter: request bodies are validated here (pydantic), turned into the engine's calls, and its events
+into OpenAI's JSON or server-sent events; the engine's RequestRefused becomes OpenAI's 400 error. FastAPI and
+uvicorn (the `serve` extra) are imported only when the server is built, so `moemerge chat` and the merge
+itself do not need them. The `routing` object of every reply is described in tools/engine.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
@@ -25,49 +11,28 @@ what was decided; `routing_duration` includes the decision's router pass. `mode`
 
 import asyncio
 import contextlib
-import dataclasses
-import inspect
 import json
 import logging
-import secrets
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
-from moemerge.tools.request_routing import (
-    Decision,
-    RequestRouting,
-    RoutingPlan,
-    RoutingSettingsError,
-    checked_for_cli,
-    decide,
-    decision_text,
-    experts_run,
-    restricted,
-)
-from moemerge.tools.routing import load_moe, tokenize
+from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused, SamplingParams
+from moemerge.tools.request_routing import RequestRouting, RoutingPlan, decision_text
 
-log = logging.getLogger("moemerge.tools.serve")
-
-# Used when the tokenizer has no chat template of its own: one "role: content" line per message.
-FALLBACK_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+log = logging.getLogger("moemerge.serve")
 
 
 class RequestError(Exception):
-    """A request the server refuses: becomes OpenAI's error JSON with a 4xx status."""
+    """A request the server refuses: becomes OpenAI's error JSON with a 4xx (or 5xx) status."""
 
     def __init__(
         self,
@@ -80,339 +45,10 @@ class RequestError(Exception):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int | None = None  # None: up to the end of the context
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-@dataclass
-class Delta:
-    """New completion text, ready to show (partial characters and possible stop-string starts held back)."""
-
-    text: str
-
-
-@dataclass
-class Finished:
-    """The last event of a generation."""
-
-    text: str  # the whole completion
-    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    routing: dict[str, Any]
-
-    @property
-    def usage(self) -> dict[str, int]:
-        total = self.prompt_tokens + self.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
-
-    @property
-    def expert(self) -> str:
-        return self.routing["top_expert"]
-
-
-class TextStream:
-    """Token ids in, text out: decodes incrementally and holds back half-decoded characters and stop-string starts."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] were decoded last time, as context for the next token
-        self.text = ""  # decoded so far (cut at a stop string once one is seen)
-        self.sent = 0  # text[:sent] has been handed out
-        self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        before = self._decode(self.ids[self.prefix : self.read])
-        after = self._decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self.prefix, self.read = self.read, len(self.ids)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped and self.read < len(self.ids):
-            before = self._decode(self.ids[self.prefix : self.read])
-            self.text += self._decode(self.ids[self.prefix :])[len(before) :]
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        hits = [i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
-        if hits:
-            self.stopped = True
-            self.text = self.text[: min(hits)]
-            end = len(self.text)
-        else:
-            end = len(self.text) if final else len(self.text) - self._held()
-        delta = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return delta
-
-    def _held(self) -> int:
-        """Length of the longest end of the unsent text that begins some stop string."""
-        unsent = self.text[self.sent :]
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(unsent)), longest, -1):
-                if unsent.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
-
-
-class Engine:
-    """One model; generation is a Python generator of Delta events ending with one Finished event.
-
-    Not thread-safe: callers run one generation at a time (the server serialises requests)."""
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        names: list[str],
-        routing: RequestRouting | None = None,
-    ) -> None:
-        self.model, self.tokenizer, self.names = model, tokenizer, names
-        self.routing = checked_for_cli(routing or RequestRouting(), names)  # the default for every request
-        config = model.config
-        self.top_k = config.num_experts_per_tok
-        self.layers = config.num_hidden_layers
-        self.context_length = int(config.max_position_embeddings)
-        self.device = model.device
-        # transformers 5 renamed past_key_values to cache and num_logits_to_keep to logits_to_keep
-        accepted = inspect.signature(model.forward).parameters
-        self._forward_args: dict[str, Any] = {"use_cache": True, "output_router_logits": True}
-        keep = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in accepted), None)
-        if keep:
-            self._forward_args[keep] = 1
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        generation = model.generation_config
-        eos = generation.eos_token_id if generation.eos_token_id is not None else []
-        eos = set(eos if isinstance(eos, list) else [eos])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_ids = eos
-        # The output's generation_config.json may set sampling defaults; otherwise OpenAI's (temperature 1, top_p 1).
-        self.defaults = {k: v for k, v in generation.to_diff_dict().items() if k in ("temperature", "top_p", "top_k")}
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-
     @classmethod
-    def load(cls, out: Path, device: torch.device, routing: RequestRouting | None = None) -> "Engine":
-        return cls(*load_moe(out, device), routing)
-
-    # -- prompts -----------------------------------------------------------------------------------------------
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The tokenizer's chat template (or FALLBACK_CHAT_TEMPLATE), with a generation prompt, as token ids."""
-        template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, chat_template=template, add_generation_prompt=True, tokenize=False
-            )
-        except Exception as exc:  # a template may raise on a role order it does not support
-            raise RequestError(f"the model's chat template refused these messages: {exc}", "messages") from exc
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_ids(self, prompt: str) -> list[int]:
-        """A raw prompt, with the special tokens the tokenizer adds (BOS), as vLLM does for /v1/completions."""
-        return self.tokenizer(prompt)["input_ids"]
-
-    def params(self, **given: Any) -> SamplingParams:
-        """SamplingParams from request values (None: the model's default, else OpenAI's)."""
-        values = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
-        stop = values.get("stop") or []
-        values["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        return SamplingParams(**values)
-
-    def check(self, ids: list[int], params: SamplingParams, param: str = "messages") -> None:
-        """Refuses prompts that leave no room in the context, as OpenAI does."""
-        if not ids:
-            raise RequestError("the prompt is empty", param)
-        limit = self.context_length
-        if params.max_tokens is None and len(ids) >= limit:
-            problem = f"your {param} resulted in {len(ids)} tokens, which leaves no room for a completion"
-            fix = f"the {param}"
-        elif params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-            problem = (
-                f"you requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the {param}, "
-                f"{params.max_tokens} in the completion)"
-            )
-            fix = f"the {param} or completion"
-        else:
-            return
-        raise RequestError(
-            f"This model's maximum context length is {limit} tokens. However, {problem}. "
-            f"Please reduce the length of {fix}.",
-            param,
-            "context_length_exceeded",
-        )
-
-    # -- routing -----------------------------------------------------------------------------------------------
-
-    def request_routing(self, given: dict[str, Any] | None) -> RequestRouting:
-        """The engine's routing with a request's `routing` fields over it; naming experts implies request mode
-        and a top_k of their number."""
-        given = {k: v for k, v in (given or {}).items() if v is not None}
-        if "experts" in given:
-            given = {"mode": "request", "top_k": len(given["experts"]), **given, "experts": tuple(given["experts"])}
-        settings = dataclasses.replace(self.routing, **given)
-        try:
-            if settings.mode == "token" and {"top_k", "mixing"} & set(given):
-                raise RoutingSettingsError("top_k and mixing are for request routing; add mode request", "mode")
-            return settings.checked(self.names)
-        except RoutingSettingsError as exc:
-            raise RequestError(exc.message, f"routing.{exc.field}", "invalid_routing") from None
-
-    def decide(self, plan: RoutingPlan) -> Decision | None:
-        """None for token routing; else the request's experts, forced or from one router pass over its text."""
-        settings = plan.settings
-        if settings.mode == "token":
-            return None
-        if settings.experts:
-            return Decision.forced([self.names.index(n) for n in settings.experts], settings.mixing)
-        started = time.perf_counter()
-        ids, real = tokenize(self.tokenizer, plan.text or " ")
-        with torch.inference_mode():
-            out = self.model(input_ids=ids.to(self.device), **{**self._forward_args, "use_cache": False})
-        logits = torch.stack([layer.float() for layer in out.router_logits])[:, real.to(self.device)]
-        decision = decide(logits, settings.top_k, settings.mixing)
-        return dataclasses.replace(decision, seconds=time.perf_counter() - started)
-
-    # -- generation --------------------------------------------------------------------------------------------
-
-    def generate(
-        self, ids: list[int], params: SamplingParams, routing: RoutingPlan | None = None
-    ) -> Iterator[Delta | Finished]:
-        """Decode token by token; yields Delta events, then one Finished. Call check() first.
-
-        Request routing decides first (inside the generator, so on the caller's generation slot)."""
-        plan = routing or RoutingPlan(self.routing, self.tokenizer.decode(ids, skip_special_tokens=True))
-        decision = self.decide(plan)
-        with restricted(self.model, decision):
-            yield from self._generate(ids, params, decision)
-
-    def _generate(
-        self, ids: list[int], params: SamplingParams, decision: Decision | None
-    ) -> Iterator[Delta | Finished]:
-        budget = self.context_length - len(ids)
-        max_tokens = min(params.max_tokens or budget, budget)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator = torch.Generator().manual_seed(seed)
-        cache = _new_cache(self.model.config)
-        stream = TextStream(self.tokenizer, params.stop)
-        counts = _RoutingCounts(self.layers, len(self.names), self.top_k, self.device, decision)
-        inputs = torch.tensor([ids], device=self.device)
-        generated = 0
-        finish = "length"
-        while generated < max_tokens:
-            token = self._step(inputs, cache, counts, params, generator)
-            generated += 1
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            delta = stream.add(token)
-            if delta:
-                yield Delta(delta)
-            if stream.stopped:
-                finish = "stop"
-                break
-            inputs = torch.tensor([[token]], device=self.device)
-        tail = stream.finish()
-        if tail:
-            yield Delta(tail)
-        yield Finished(stream.text, finish, len(ids), generated, counts.report(self.names))
-
-    def _step(self, inputs, cache, counts, params: SamplingParams, generator: torch.Generator) -> int:
-        with torch.inference_mode():
-            out = self.model(input_ids=inputs, **{self._cache_arg: cache}, **self._forward_args)
-            counts.add(out.router_logits, prompt=counts.prompt_tokens == 0)
-            return _sample(out.logits[0, -1], params, generator)
-
-
-def _new_cache(config) -> DynamicCache:
-    try:
-        return DynamicCache(config=config)
-    except TypeError:  # transformers 4 builds its layers lazily
-        return DynamicCache()
-
-
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; else top-k, then top-p (nucleus), then a draw from the seeded CPU generator."""
-    if params.temperature <= 1e-5:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / params.temperature
-    if params.top_k > 0 and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class _RoutingCounts:
-    """Per expert: how many (layer, token) pairs had it in their top-k, for the prompt and for generated tokens."""
-
-    def __init__(
-        self, layers: int, experts: int, top_k: int, device: torch.device, decision: Decision | None = None
-    ) -> None:
-        self.layers, self.top_k, self.decision = layers, top_k, decision
-        self.ran_per_token = top_k  # experts each (layer, token) ran: top_k, or fewer under a request decision
-        self.prompt = torch.zeros(experts, dtype=torch.long, device=device)
-        self.completion = torch.zeros(experts, dtype=torch.long, device=device)
-        self.prompt_tokens = self.completion_tokens = 0
-        self.seconds = decision.seconds if decision else 0.0
-
-    def add(self, router_logits: tuple[torch.Tensor, ...], prompt: bool) -> None:
-        start = time.perf_counter()
-        choices = experts_run(self.decision, torch.stack(router_logits).float(), self.top_k)  # [layers, tokens, k]
-        experts = self.prompt.numel()
-        self.ran_per_token = choices.shape[-1]
-        if prompt:
-            self.prompt += torch.bincount(choices.reshape(-1), minlength=experts)
-            self.prompt_tokens = choices.shape[1]
-        # the last position's routing is that of the pass that produces the next token
-        self.completion += torch.bincount(choices[:, -1].reshape(-1), minlength=experts)
-        self.completion_tokens += 1
-        self.seconds += time.perf_counter() - start
-
-    def report(self, names: list[str]) -> dict[str, Any]:
-        start = time.perf_counter()
-        prompt = (self.prompt.cpu().double() / max(1, self.layers * self.prompt_tokens)).tolist()
-        completion = (self.completion.cpu().double() / max(1, self.layers * self.completion_tokens)).tolist()
-        top = max(range(len(names)), key=lambda i: (completion[i], prompt[i], -i))
-        if self.decision is not None:
-            top = self.decision.experts[0]
-        self.seconds += time.perf_counter() - start
-        return {
-            "mode": "token" if self.decision is None else "request",
-            **({"decided_by": "router"} if self.decision is None else self.decision.report(names)),
-            "experts": {n: {"prompt": p, "completion": c} for n, p, c in zip(names, prompt, completion, strict=True)},
-            "top_expert": names[top],
-            "top_k": self.ran_per_token,
-            "layers": self.layers,
-            "routing_duration": self.seconds,
-        }
-
-
-# -- the HTTP API ----------------------------------------------------------------------------------------------
+    def refused(cls, exc: RequestRefused) -> "RequestError":
+        """The engine's refusal as OpenAI reports a bad request: 400, invalid_request_error."""
+        return cls(exc.message, exc.param, exc.code)
 
 
 class _Strict(BaseModel):
@@ -649,6 +285,10 @@ def create_app(engine: Engine, model_name: str):
     async def _request_error(_request, exc: RequestError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
 
+    @app.exception_handler(RequestRefused)
+    async def _refused(request, exc: RequestRefused):
+        return await _request_error(request, RequestError.refused(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request, exc: RequestValidationError):
         first = exc.errors()[0]
@@ -694,25 +334,20 @@ def create_app(engine: Engine, model_name: str):
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": model_name, "system_fingerprint": None}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                return _sse({**head, "object": "chat.completion.chunk", "choices": [choice], **extra})
+            def delta(text: str | None, finish: str | None) -> dict[str, Any]:
+                content = {} if text is None else {"content": text}
+                return {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}
 
-            async def stream():
-                yield chunk({"role": "assistant", "content": ""})
-                async with contextlib.aclosing(server.events(request, ids, params, routing)) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            yield chunk({"content": event.text})
-                            continue
-                        yield chunk({}, event.finish_reason, **_reply_fields(event))
-                        if include_usage:
-                            tail = {**head, "object": "chat.completion.chunk", "choices": [], **_reply_fields(event)}
-                            yield _sse(tail)
-
-            return _sse_response(StreamingResponse, stream())
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            opening = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            events = server.events(request, ids, params, routing)
+            return _sse_response(StreamingResponse, _event_stream(events, chunk_head, delta, body, opening))
         final = await _collect(server.events(request, ids, params, routing))
         message = {"role": "assistant", "content": final.text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": final.finish_reason}
@@ -725,28 +360,40 @@ def create_app(engine: Engine, model_name: str):
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-            def chunk(text: str, finish: str | None = None, **extra: Any) -> str:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-                return _sse({**head, "choices": [choice], **extra})
+            def piece(text: str | None, finish: str | None) -> dict[str, Any]:
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
 
-            async def stream():
-                async with contextlib.aclosing(server.events(request, ids, params, routing)) as events:
-                    async for event in events:
-                        if isinstance(event, Delta):
-                            yield chunk(event.text)
-                            continue
-                        yield chunk("", event.finish_reason, **_reply_fields(event))
-                        if include_usage:
-                            yield _sse({**head, "choices": [], **_reply_fields(event)})
-
-            return _sse_response(StreamingResponse, stream())
+            events = server.events(request, ids, params, routing)
+            return _sse_response(StreamingResponse, _event_stream(events, head, piece, body))
         final = await _collect(server.events(request, ids, params, routing))
         choice = {"index": 0, "text": final.text, "logprobs": None, "finish_reason": final.finish_reason}
         return {**head, "choices": [choice], **_reply_fields(final)}
 
     return app
+
+
+async def _event_stream(
+    events: AsyncIterator[Delta | Finished],
+    head: dict[str, Any],
+    choice: Callable[[str | None, str | None], dict[str, Any]],
+    body: "_Request",
+    opening: dict[str, Any] | None = None,
+) -> AsyncIterator[str]:
+    """Both streaming endpoints: an optional opening choice (chat's role), one chunk per text piece, a closing
+    chunk with the finish reason, usage and routing, and with stream_options.include_usage a last chunk
+    without choices. `choice(text, finish)` shapes one choice (text None: the closing one)."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if opening is not None:
+        yield _sse({**head, "choices": [opening]})
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, Delta):
+                yield _sse({**head, "choices": [choice(event.text, None)]})
+                continue
+            yield _sse({**head, "choices": [choice(None, event.finish_reason)], **_reply_fields(event)})
+            if include_usage:
+                yield _sse({**head, "choices": [], **_reply_fields(event)})
 
 
 async def _collect(events: AsyncIterator[Delta | Finished]) -> Finished:
@@ -769,8 +416,9 @@ def _sse_response(response_class, body: AsyncIterator[str]):
             try:
                 async for piece in body:
                     yield piece
-            except RequestError as exc:  # headers are sent: report in-band, as OpenAI does
-                yield _sse(error_body(exc.message, exc.type, exc.param, exc.code))
+            except (RequestError, RequestRefused) as exc:  # headers are sent: report in-band, as OpenAI does
+                error = RequestError.refused(exc) if isinstance(exc, RequestRefused) else exc
+                yield _sse(error_body(error.message, error.type, error.param, error.code))
             except Exception as exc:
                 log.exception("generation failed mid-stream")
                 yield _sse(error_body(f"{type(exc).__name__}: {exc}", "server_error"))

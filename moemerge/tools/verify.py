@@ -12,16 +12,14 @@ from typing import Any
 
 import torch
 
-from moemerge.build.writer import INDEX_NAME
 from moemerge.errors import MoemergeError
+from moemerge.files import CONFIG, DIGESTS, MANIFEST, read_json
+from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats import config_tensors, format_of_config
 from moemerge.hf import load_model
-from moemerge.inputs.model_files import ShardIndex, read_json, typed
 from moemerge.inputs.safetensors_header import TensorInfo, read_weights
 from moemerge.inputs.sources import TensorStore
-
-MANIFEST = "moemerge.json"
-DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
+from moemerge.inputs.weight_index import read_weight_index
 
 
 def _read_json(path: Path) -> Any:
@@ -33,18 +31,20 @@ def _read_json(path: Path) -> Any:
 def check_structure(out: Path) -> dict[str, TensorInfo]:
     """Config, index, shard headers, names, shapes and dtypes: everything but the values. Returns the
     tensors. The config is read first: a dense model is named as such, not as an output missing its index."""
-    config = _read_json(out / "config.json")
-    format_of_config(config, str(out / "config.json"))
-    weight_map = typed(ShardIndex, _read_json(out / INDEX_NAME), out / INDEX_NAME).weight_map
-    shards = sorted(set(weight_map.values()))
+    config = _read_json(out / CONFIG)
+    format_of_config(config, str(out / CONFIG))
+    if not (out / INDEX_NAME).is_file():
+        raise MoemergeError(f"{out / INDEX_NAME}: missing; the output is incomplete")
+    index = read_weight_index(out / INDEX_NAME)
+    weight_map, shards = index.weight_map, index.shards
     for shard in shards:
-        if Path(shard).name != shard or not (out / shard).is_file():
+        if not (out / shard).is_file():
             raise MoemergeError(f"{out / INDEX_NAME}: lists {shard}, which is missing")
     tensors = read_weights([out / shard for shard in shards], weight_map, out / INDEX_NAME)
     unlisted = sorted(p.name for p in out.glob("*.safetensors") if p.name not in set(weight_map.values()))
     if unlisted:
         raise MoemergeError(f"{out / unlisted[0]}: shard not listed in {INDEX_NAME}")
-    expected = config_tensors(config, str(out / "config.json"), len(weight_map))[1]
+    expected = config_tensors(config, str(out / CONFIG), len(weight_map))[1]
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -91,7 +91,7 @@ def check_values(tensors: dict[str, TensorInfo]) -> None:
 
 def check_loads(out: Path) -> None:
     """transformers loads it as its format's class (MixtralForCausalLM, ...) and gives finite logits."""
-    want = format_of_config(_read_json(out / "config.json"), str(out / "config.json")).class_name
+    want = format_of_config(_read_json(out / CONFIG), str(out / CONFIG)).class_name
     try:
         model = load_model(out)
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the answer is "it does not load"
