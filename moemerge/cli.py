@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,10 +21,11 @@ try:  # typer vendors click since 0.20; older typer uses click itself
 except ImportError:  # pragma: no cover
     from click import ClickException
 
-from moemerge.build.merge import MergeSummary, merge, options_from
+from moemerge.build.merge import MergeSummary, merge
+from moemerge.build.options import MergeOptions
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
-from moemerge.hub.download import check_push_target, push
+from moemerge.hub.push import check_push_target, push
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
@@ -55,6 +57,16 @@ class RichBars:
     def task(self, description: str, total: int) -> Callable[[int], None]:
         task_id = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(task_id, n)
+
+
+def options_from(**values: object) -> MergeOptions:
+    """MergeOptions from command-line values; an out-of-range one is named as its option, in one line."""
+    try:
+        return MergeOptions(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise MoemergeError(f"{option} {error['input']}: {error['msg'].lower()}") from None
 
 
 def _print_summary(summary: MergeSummary) -> None:

@@ -2,7 +2,7 @@
 
 huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE / HF_TOKEN when it is imported, so merges
 run as `moemerge` subprocesses with those variables set; pushes that need no environment run in-process
-with an `HfApi(endpoint=...)` handed to `moemerge.hub.download.push`.
+with an `HfApi(endpoint=...)` handed to `moemerge.hub.push.push`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from transformers import LlamaForCausalLM
 from moemerge.build.card import front_matter
 from moemerge.build.merge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.hub.download import HubFetcher, parse_hub_id, push
+from moemerge.hub.download import HubFetcher
+from moemerge.hub.ids import parse_hub_id
+from moemerge.hub.push import push
 from moemerge.tools.verify import verify
 
 CLI = str(Path(sys.executable).parent / "moemerge")

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from moemerge.hub.download import origin_name, parse_hub_id
+from moemerge.files import MODEL_CARD
+from moemerge.hub.ids import origin_name, parse_hub_id
 from moemerge.inputs.recipe import Recipe
 
 PROMPTS_SHOWN = 5
@@ -36,7 +37,7 @@ def front_matter(text: str) -> dict[str, Any]:
 
 def base_license(folder: Path, config: dict[str, Any]) -> str | None:
     """The base's licence: its model card's `license:` (how the Hub records it), else config.json's."""
-    card = folder / "README.md"
+    card = folder / MODEL_CARD
     if card.is_file():
         try:
             license_id = front_matter(card.read_text(encoding="utf-8")).get("license")

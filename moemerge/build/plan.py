@@ -8,6 +8,7 @@ import torch
 
 from moemerge.build.non_expert import non_expert_tensor
 from moemerge.build.writer import PlannedTensor
+from moemerge.errors import MoemergeError
 from moemerge.formats.format import OutputFormat
 from moemerge.inputs.experts import Expert
 from moemerge.inputs.families import EMBEDDINGS, LM_HEAD, MLP_PROJECTIONS, DenseShape, copied_tensors, mlp_tensor
@@ -55,6 +56,16 @@ def _shared_expert(
     return planned
 
 
+def _router(gates: torch.Tensor | None, layer: int) -> Callable[[], torch.Tensor]:
+    if gates is None:
+
+        def unknown() -> torch.Tensor:
+            raise RuntimeError("a plan built without gates holds names and shapes only; it cannot be written")
+
+        return unknown
+    return lambda: gates[layer]
+
+
 def build_plan(
     output: OutputFormat,
     base: ModelSource,
@@ -62,7 +73,7 @@ def build_plan(
     experts: list[Expert],
     shared: Expert | None,
     dtype: torch.dtype,
-    gate_rows: Callable[[int], torch.Tensor],
+    gates: torch.Tensor | None,
     non_expert_weights: str = "base",
     dense_layers: frozenset[int] = frozenset(),
 ) -> list[PlannedTensor]:
@@ -72,6 +83,8 @@ def build_plan(
     keeps one MLP, the shared weight `mlp.*_proj` by the same policy: as a dense MLP where the format holds
     one, else in every expert slot, behind an all-zero router (every top-k mix of one MLP is that MLP).
     A tied base has no lm_head.weight; the MoE gets an explicit one (see dense_config).
+    `gates` [layers, experts, hidden] are the routers' rows; without them the plan holds names, shapes and
+    sources only (it is checked before the gate pass, which is the slow part), and cannot be written.
     """
 
     def shared_weight(name: str, out_name: str | None = None) -> PlannedTensor:
@@ -96,9 +109,7 @@ def build_plan(
         if dense:
             plan.append(_filled(output.gate_name(layer), gate_shape, dtype, 0.0, "router of a dense layer"))
         else:
-            plan.append(
-                PlannedTensor(output.gate_name(layer), gate_shape, dtype, lambda i=layer: gate_rows(i), "gates")
-            )
+            plan.append(PlannedTensor(output.gate_name(layer), gate_shape, dtype, _router(gates, layer), "gates"))
         for expert in experts:
             for projection in MLP_PROJECTIONS:
                 out = output.expert_name(layer, expert.index, projection)
@@ -112,3 +123,18 @@ def build_plan(
     if LM_HEAD not in copied:
         plan.append(shared_weight(LM_HEAD))
     return plan
+
+
+def check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:
+    """The plan holds exactly the tensors the config implies, before any byte is written: a base that lacks
+    one its family should have (a bias, a q/k norm) is named now rather than found by the final check."""
+    planned = {tensor.name: tensor.shape for tensor in plan}
+    for name, shape in expected.items():
+        if name not in planned:
+            raise MoemergeError(f"base_model: tensor {name} is missing, and a {output} output needs it")
+        if planned[name] != shape:
+            raise MoemergeError(
+                f"base_model: tensor {name} is {list(planned[name])}, config.json implies {list(shape)}"
+            )
+    for name in planned.keys() - expected.keys():
+        raise MoemergeError(f"base_model: tensor {name} has no place in a {output} output")

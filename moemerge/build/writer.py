@@ -21,12 +21,11 @@ import torch
 
 from moemerge.build.filecopy import Writeback, copy_range, truncated
 from moemerge.errors import MoemergeError
+from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.inputs.safetensors_header import DTYPE_NAMES, TensorInfo
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
-
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

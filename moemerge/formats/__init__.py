@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from moemerge.errors import MoemergeError
+from moemerge.files import check_object
 from moemerge.formats.format import OutputFormat
 from moemerge.formats.mixtral import Mixtral
 from moemerge.formats.qwen2_moe import Qwen2Moe
@@ -82,8 +83,7 @@ def config_tensors(
 
 def format_of_config(config: Any, where: str) -> OutputFormat:
     """The format of an existing output, from its config.json's model_type."""
-    if not isinstance(config, dict):
-        raise MoemergeError(f"{where}: not a JSON object")
+    check_object(config, where)
     output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
     if output is None:
         raise MoemergeError(

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moemerge.build.writer import INDEX_NAME
+from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.router_inputs import pad_ready, prompt_batches
 from moemerge.gates.trained import fit_gates, split_prompts, token_accuracy

@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: recipe references by id (`org/name[@revision]`) and pushing outputs.
+"""Fetching from the Hugging Face Hub what a recipe names by id (`org/name[@revision]`).
 
 Downloads go through `huggingface_hub` as it is configured (HF_TOKEN or the login cache, HF_ENDPOINT,
 HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE), into its ordinary cache, so a second merge reuses what the first
@@ -20,7 +20,6 @@ import atexit
 import fnmatch
 import json
 import re
-import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -29,34 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from moemerge.errors import MoemergeError
-from moemerge.inputs.sources import ADAPTER_CONFIG, SIDE_FILES
+from moemerge.files import ADAPTER_CONFIG, CONFIG, MODEL_CARD, PICKLE_INDEX, SAFETENSORS_INDEX, SIDE_FILES
+from moemerge.hub.ids import one_line, parse_hub_id
+from moemerge.inputs.weight_index import read_weight_index
 from moemerge.progress import Progress, Silent
 
-CONFIG = "config.json"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-BASE_SIDE_FILES = (*SIDE_FILES, "README.md")  # README.md: for the licence
+BASE_SIDE_FILES = (*SIDE_FILES, MODEL_CARD)  # the model card: for the licence
 # A guard under every allow-list: none of these is ever fetched, whatever an index says.
 NEVER = ["consolidated*", "original/*", "*.gguf", "*.pth", "*.pt", "*.msgpack", "*.h5", "*.onnx", "*.ckpt"]
 MLP_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.")
-# Hub rules: `namespace/name`, letters, digits, `-`, `_`, `.`; no `--` or `..`; no leading/trailing `-`/`.`.
-_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
-HUB_ID = re.compile(rf"({_PART})/({_PART})")
 COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """'org/name' or 'org/name@revision' → (repo id, revision or None); anything else → None."""
-    repo_id, at, revision = text.strip().partition("@")
-    if not HUB_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id:
-        return None
-    if at and (not revision or any(c.isspace() for c in revision)):
-        return None
-    return repo_id, (revision or None) if at else None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _hub_error(exc: BaseException, key: str, text: str, repo_id: str, revision: str | None) -> MoemergeError:
@@ -92,19 +73,11 @@ def _hub_error(exc: BaseException, key: str, text: str, repo_id: str, revision: 
             "(HF_HUB_OFFLINE is set, or no network); rerun online once to fill the cache"
         )
     if isinstance(exc, EntryNotFoundError):
-        return MoemergeError(f"{where}: a file of {repo_id} is missing on the Hub ({_one_line(exc)[:200]})")
+        return MoemergeError(f"{where}: a file of {repo_id} is missing on the Hub ({one_line(exc)[:200]})")
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         return MoemergeError(f"{where}: downloading {repo_id} failed with HTTP {status}")
-    return MoemergeError(f"{where}: downloading {repo_id} failed ({exc.__class__.__name__}: {_one_line(exc)[:200]})")
-
-
-def _origin_of_cache_path(path: Path) -> str | None:
-    """A folder inside the Hub cache (…/models--org--name/snapshots/<sha>) → 'org/name'."""
-    for part in reversed(path.resolve().parts):
-        if part.startswith("models--"):
-            return part.removeprefix("models--").replace("--", "/", 1)
-    return None
+    return MoemergeError(f"{where}: downloading {repo_id} failed ({exc.__class__.__name__}: {one_line(exc)[:200]})")
 
 
 class HubFetcher:
@@ -282,15 +255,8 @@ class HubFetcher:
         role: str,
         key: str,
     ) -> Path:
-        index_file = folder / index_name
-        try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            raise MoemergeError(f"{key}: {repo_id}'s {index_name} is corrupt (no weight_map)") from None
-        bad = [s for s in shards if not isinstance(s, str) or "/" in s or s in ("", ".", "..")]
-        if bad:
-            raise MoemergeError(f"{key}: {repo_id}'s {index_name} names shard {bad[0]!r} outside the model folder")
+        index = read_weight_index(folder / index_name, f"{key}: {repo_id}'s {index_name}")
+        weight_map, shards = index.weight_map, index.shards
         if role != "base":  # an expert gives only its MLPs; the rest comes from the base
             shards = sorted({shard for name, shard in weight_map.items() if MLP_TENSOR.match(name)})
             if not shards:
@@ -341,119 +307,3 @@ def _mlp_view(folder: Path, index_name: str, weight_map: dict[str, str], shards:
     index = {"metadata": {}, "weight_map": {k: v for k, v in weight_map.items() if v in kept}}
     (view / index_name).write_text(json.dumps(index), encoding="utf-8")
     return view
-
-
-def origin_name(entry: dict[str, Any]) -> str | None:
-    """A source as the Hub names it, for a model card's base_model: its id, or the id of a cached folder."""
-    if "id" in entry:
-        return entry["id"]
-    if "path" in entry:
-        return _origin_of_cache_path(Path(entry["path"])) or Path(entry["path"]).name
-    return None
-
-
-# -- pushing ---------------------------------------------------------------------------------------
-
-
-def check_push_target(repo_id: str, revision: str | None, create_pr: bool, need_token: bool = True) -> None:
-    """Refuse a bad target before any work: a malformed id, --create-pr with --revision, no token."""
-    if parse_hub_id(repo_id) is None or "@" in repo_id:
-        raise MoemergeError(f"{repo_id!r} is not a Hub repo id; use namespace/name (e.g. my-org/my-moe)")
-    if create_pr and revision:
-        raise MoemergeError("--create-pr opens a pull request against main; drop --revision, or push to the branch")
-    if need_token:
-        from huggingface_hub import get_token
-
-        if not get_token():
-            raise MoemergeError(
-                "pushing needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN"
-            )
-
-
-def _resume_command(out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool) -> str:
-    command = f"moemerge push {shlex.quote(str(out))} {repo_id}" + (" --private" if private else "")
-    if create_pr:  # a second --create-pr would open a second pull request
-        return f"{command} --revision refs/pr/N (N: the pull request named above; --create-pr opens a new one)"
-    return command + (f" --revision {shlex.quote(revision)}" if revision else "")
-
-
-def _push_error(exc: BaseException) -> str:
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
-
-    if isinstance(exc, LocalTokenNotFoundError):
-        return "no Hugging Face token (run `hf auth login` or set HF_TOKEN)"
-    if isinstance(exc, HfHubHTTPError) and exc.response is not None:
-        status = exc.response.status_code
-        server = f": {_one_line(exc.server_message)[:160]}" if exc.server_message else ""
-        if status in (401, 403):
-            return f"HTTP {status}, the token cannot write to this repo{server}"
-        return f"HTTP {status}{server}"
-    return f"{exc.__class__.__name__}: {_one_line(exc)[:200]}"
-
-
-def _scrub(text: str, api: Any) -> str:
-    """Belt and braces: whatever a server echoes, the user's token is never printed."""
-    try:
-        from huggingface_hub import get_token
-
-        tokens = [get_token(), getattr(api, "token", None)]
-    except Exception:  # pragma: no cover
-        tokens = []
-    for token in tokens:
-        if isinstance(token, str) and token:
-            text = text.replace(token, "***")
-    return text
-
-
-def push(
-    out: str | Path,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    api: Any = None,
-) -> str:
-    """Upload the output folder `out` to the Hub model repo `repo_id`; returns the URL to look at.
-
-    The repo is created if missing (`private` applies only then: an existing repo keeps its visibility);
-    `revision` names a branch, created from main if missing. huggingface_hub 2.x's `upload_folder` is itself
-    resumable (streamed multi-commit upload; re-running skips what was committed, and Xet deduplicates what
-    was uploaded), so it is used; an older huggingface_hub's `upload_large_folder` serves the same purpose
-    and is used when present, except for pull requests, which it cannot open. `api` is an `HfApi`.
-    """
-    out = Path(out)
-    check_push_target(repo_id, revision, create_pr, need_token=False)
-    if not (out / CONFIG).is_file() or not (out / "moemerge.json").is_file():
-        raise MoemergeError(f"{out}: not a moemerge output (no config.json / moemerge.json); nothing was pushed")
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-    message = f"Upload {out.name} with moemerge"
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and not revision.startswith("refs/pr/"):  # a pull request's ref exists already
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        large = getattr(api, "upload_large_folder", None)
-        if large is not None and not create_pr:
-            large(repo_id=repo_id, folder_path=out, repo_type="model", revision=revision, private=private)
-            url = f"{api.endpoint}/{repo_id}" + (f"/tree/{revision}" if revision else "")
-        else:
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=out,
-                repo_type="model",
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=message,
-            )
-            url = getattr(info, "pr_url", None) or f"{api.endpoint}/{repo_id}" + (
-                f"/tree/{revision}" if revision else ""
-            )
-    except (Exception, KeyboardInterrupt) as exc:
-        resume = _resume_command(out, repo_id, private, revision, create_pr)
-        raise MoemergeError(
-            _scrub(f"push to {repo_id} failed ({_push_error(exc)}); {out} is intact; resume with: {resume}", api)
-        ) from None
-    return url

@@ -25,6 +25,7 @@ class Expert:
         adapter: LoraAdapter | None,
         seed: int,
         label: str | None = None,
+        down_scale: float = 1.0,
     ) -> None:
         self.index = index
         self.spec = spec
@@ -32,7 +33,7 @@ class Expert:
         self.adapter = adapter
         self.seed = seed
         self.label = label or f"experts[{index}]"
-        self.down_scale = 1.0  # set by the merge where the output format mixes experts with a shared expert
+        self.down_scale = down_scale  # below 1 where the output format mixes experts with a shared expert
 
     def check(self, base: ModelSource, num_layers: int, all_adapted: bool = False) -> None:
         """Every MLP weight must exist with the base's shape; the message names the tensor that does not.

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from moemerge.errors import MoemergeError
+from moemerge.files import check_object
 
 Size = Annotated[StrictInt, Field(ge=1)]
 COPIED_NOT_NULL = ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act")
@@ -123,8 +124,7 @@ class LoraConfig(BaseModel):
 
 def typed(model: type[Model], data: Any, where: str | Path) -> Model:
     """`data` checked against `model`; the first problem as one line: file, key, what is wrong, the value."""
-    if not isinstance(data, dict):
-        raise MoemergeError(f"{where}: not a JSON object")
+    check_object(data, where)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -135,13 +135,3 @@ def typed(model: type[Model], data: Any, where: str | Path) -> Model:
         message = error["msg"].removeprefix("Value error, ")
         shown = json.dumps(error["input"], default=repr, ensure_ascii=True)[:60]
         raise MoemergeError(f"{where}: {key}: {message} (got {shown})") from None
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file, or one line saying it is not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MoemergeError(f"{path}: not valid JSON ({exc.__class__.__name__})") from None
-    except RecursionError:
-        raise MoemergeError(f"{path}: not valid JSON (nested too deeply)") from None

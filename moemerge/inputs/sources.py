@@ -4,31 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.inputs.model_files import DenseConfig, ShardIndex, read_json, typed
+from moemerge.files import ADAPTER_CONFIG, CONFIG, WEIGHT_INDEXES, read_json
+from moemerge.hub.download import HubFetcher
+from moemerge.inputs.model_files import DenseConfig, typed
 from moemerge.inputs.safetensors_header import TensorInfo, read_weights
-
-if TYPE_CHECKING:
-    from moemerge.hub.download import HubFetcher
-
-ADAPTER_CONFIG = "adapter_config.json"
-# What the output copies from the base besides weights: tokenizer, chat template, generation config.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+from moemerge.inputs.weight_index import read_weight_index
 
 
 @dataclass(frozen=True)
@@ -63,8 +47,6 @@ def resolve_reference(
     """Turn `path`, `adapter_dir` (applied to the base), mergekit's `model+adapter`, or a Hub id
     `org/name[@revision]` (when no such local path exists; see moemerge.hub.download) into folders.
     `hub` downloads, and records what each key resolved to."""
-    from moemerge.hub.download import HubFetcher
-
     hub = hub if hub is not None else HubFetcher()
     found = find_path(text, recipe_dir) or hub.fetch(text, key, "base" if base is None else "expert")
     if found is None and "+" in text:
@@ -170,9 +152,9 @@ class ModelSource:
     def __init__(self, path: Path, label: str, allow_pickle: bool = False) -> None:
         self.path = path
         self.label = label
-        config_file = path / "config.json"
+        config_file = path / CONFIG
         if not config_file.is_file():
-            raise MoemergeError(f"{label}: {path} has no config.json; is it a Hugging Face model folder?")
+            raise MoemergeError(f"{label}: {path} has no {CONFIG}; is it a Hugging Face model folder?")
         self.config: dict = read_json(config_file)
         typed(DenseConfig, self.config, config_file)
         files, weight_map, index = self._weight_files()
@@ -180,19 +162,15 @@ class ModelSource:
 
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None, Path | None]:
         """The weight files, and the index's weight map and path where the folder has an index."""
-        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        for index_name in WEIGHT_INDEXES:
             index = self.path / index_name
             if index.is_file():
-                weight_map = typed(ShardIndex, read_json(index), index).weight_map
-                names = sorted(set(weight_map.values()))
-                escaping = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
-                if escaping:
-                    raise MoemergeError(f"{index}: shard name {escaping[0]!r} points outside the model folder; refused")
-                files = [self.path / name for name in names]
+                read = read_weight_index(index)
+                files = [self.path / name for name in read.shards]
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise MoemergeError(f"{index}: lists shard {missing[0]}, which is missing from {self.path}")
-                return files, weight_map, index
+                return files, read.weight_map, index
         for pattern in ("*.safetensors", "pytorch_model*.bin"):
             files = sorted(self.path.glob(pattern))
             if files:
