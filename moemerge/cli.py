@@ -21,13 +21,13 @@ try:  # typer vendors click since 0.20; older typer uses click itself
 except ImportError:  # pragma: no cover
     from click import ClickException
 
-from moemerge.build.merge import MergeSummary, merge
-from moemerge.build.options import MergeOptions
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.hub.push import check_push_target, push
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
+from moemerge.output.merge import MergeSummary, merge
+from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
 from moemerge.tools.request_routing import RequestRouting, checked_for_cli, decide
 from moemerge.tools.routing import EXPERT_COLORS, Routing, load_moe, route

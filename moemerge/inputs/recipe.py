@@ -105,7 +105,7 @@ class Recipe(BaseModel):
     architecture: str | None = None  # output format; None: the base family's default (see moemerge.formats)
     shared_experts: list[ExpertSpec] = Field(default=[], max_length=1)
     # moemerge's own keys (mergekit-moe has none; their defaults build what mergekit-moe builds):
-    non_expert_weights: NonExpertPolicy = "base"  # see moemerge/build/non_expert.py
+    non_expert_weights: NonExpertPolicy = "base"  # see moemerge/output/non_expert.py
     moe_layers: list[int] | None = Field(default=None, min_length=1)  # None: every layer; others stay dense
 
     @field_validator("moe_layers")
