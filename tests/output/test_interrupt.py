@@ -8,7 +8,6 @@ Python swallows the KeyboardInterrupt.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import signal
@@ -23,11 +22,11 @@ from support.paths import CLI
 from support.tiny_models import make_base, write_recipe
 
 from moemerge import MergeOptions, interrupt, merge
+from moemerge.output import records
 from moemerge.output.staging import staged_output
 
 pytestmark = pytest.mark.slow  # interrupts whole merges run by the CLI
 
-MERGE_MODULE = importlib.import_module("moemerge.output.merge")  # `moemerge.merge` is the function
 
 SHARD = 10_000_000
 WAIT = 120  # seconds: a bound on polling, not a timing assumption
@@ -120,13 +119,13 @@ class SwallowsCtrlC:
 def test_ctrl_c_swallowed_by_a_del_still_stops_the_merge(tmp_path, monkeypatch):
     base = make_base(tmp_path / "base")
     recipe = write_recipe(tmp_path / "r.yaml", base, [base, base], gate_mode="random")
-    real_card = MERGE_MODULE.model_card
+    real_card = records.model_card
 
     def card_then_ctrl_c(*args, **kwargs):  # late in writing: all shards are on disk by now
         SwallowsCtrlC()
         return real_card(*args, **kwargs)
 
-    monkeypatch.setattr(MERGE_MODULE, "model_card", card_then_ctrl_c)
+    monkeypatch.setattr(records, "model_card", card_then_ctrl_c)  # the records are written last
     before = tree(tmp_path)
     result = run_cli(recipe, tmp_path / "out", "--device", "cpu")
     assert result.rc == 130, result.stderr
