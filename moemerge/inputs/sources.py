@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.files import ADAPTER_CONFIG, CONFIG, WEIGHT_INDEXES, read_json
-from moemerge.hub.download import HubFetcher
 from moemerge.inputs.model_files import DenseConfig, typed
 from moemerge.inputs.safetensors_header import TensorInfo, read_weights
 from moemerge.inputs.weight_index import read_weight_index
+
+
+class Fetcher(Protocol):
+    """Where a reference that is no local path comes from, and the record of what each recipe key resolved
+    to: moemerge.hub.download.HubFetcher (passed in, so that reading inputs does not depend on the Hub)."""
+
+    def fetch(self, text: str, key: str, role: str) -> Path | None: ...
+
+    def note(self, key: str, model: Path, adapter: Path | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,13 +50,10 @@ def split_adapter(text: str, recipe_dir: Path) -> tuple[str, str]:
     return splits[-1]
 
 
-def resolve_reference(
-    text: str, key: str, recipe_dir: Path, base: Path | None, hub: HubFetcher | None = None
-) -> Reference:
+def resolve_reference(text: str, key: str, recipe_dir: Path, base: Path | None, hub: Fetcher) -> Reference:
     """Turn `path`, `adapter_dir` (applied to the base), mergekit's `model+adapter`, or a Hub id
     `org/name[@revision]` (when no such local path exists; see moemerge.hub.download) into folders.
     `hub` downloads, and records what each key resolved to."""
-    hub = hub if hub is not None else HubFetcher()
     found = find_path(text, recipe_dir) or hub.fetch(text, key, "base" if base is None else "expert")
     if found is None and "+" in text:
         model_text, adapter_text = split_adapter(text, recipe_dir)

@@ -61,7 +61,7 @@ def _open_expert(
     base: ModelSource,
     opened: dict[Path, ModelSource],
     options: MergeOptions,
-    hub: HubFetcher | None,
+    hub: HubFetcher,
     down_scale: float,
     uses_non_expert: bool = False,
 ) -> Expert:
