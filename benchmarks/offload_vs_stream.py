@@ -39,8 +39,8 @@ def child(method: str, base: Path, prompts: list[str], batch_size: int) -> dict[
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
-    from moemerge.sources import ModelSource
+    from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+    from moemerge.inputs.sources import ModelSource
 
     started = time.perf_counter()
     tokenizer = pad_ready(AutoTokenizer.from_pretrained(base))

@@ -38,10 +38,10 @@ from domains import DOMAINS  # noqa: E402
 from routing_quality import heldout, recipe, write_dataset  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
-from moemerge.evaluate import evaluate  # noqa: E402
-from moemerge.request_routing import Decision, RequestRouting, request_scores, restricted  # noqa: E402
-from moemerge.routing import load_moe, next_token_losses, route, tokenize  # noqa: E402
-from moemerge.serve import Delta, Engine  # noqa: E402
+from moemerge.tools.engine import Delta, Engine  # noqa: E402
+from moemerge.tools.evaluate import evaluate  # noqa: E402
+from moemerge.tools.request_routing import Decision, RequestRouting, request_scores, restricted  # noqa: E402
+from moemerge.tools.routing import load_moe, next_token_losses, route, tokenize  # noqa: E402
 
 # Request-decision rules compared: a name and the [experts] scores it takes from [layers, tokens, experts] logits.
 RULES = {

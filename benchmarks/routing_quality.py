@@ -39,11 +39,11 @@ from build_base import build_base  # noqa: E402
 from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
-from moemerge.evaluate import evaluate  # noqa: E402
 from moemerge.gates import hidden as hidden_gates  # noqa: E402
-from moemerge.lora import LoraAdapter  # noqa: E402
-from moemerge.recipe import Recipe  # noqa: E402
-from moemerge.routing import load_moe  # noqa: E402
+from moemerge.inputs.lora import LoraAdapter  # noqa: E402
+from moemerge.inputs.recipe import Recipe  # noqa: E402
+from moemerge.tools.evaluate import evaluate  # noqa: E402
+from moemerge.tools.routing import load_moe  # noqa: E402
 
 ADAPTERS = ROOT / "examples" / "adapters"
 PROMPTS = 5  # short prompts per expert for prompt-based gates

@@ -16,7 +16,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moemerge import MergeOptions, merge
-from moemerge.routing import route
+from moemerge.tools.routing import route
 
 HERE = Path(__file__).parent
 QUESTIONS = {

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,14 +23,15 @@ except ImportError:  # pragma: no cover
 
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
-from moemerge.evaluate import DECIDE_TOKENS, evaluate
-from moemerge.hub import check_push_target, push
+from moemerge.hub.push import check_push_target, push
+from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
-from moemerge.merge import MergeSummary, merge, options_from
-from moemerge.prompts import read_dataset_csv, read_prompt_file
-from moemerge.request_routing import RequestRouting, checked_for_cli, decide
-from moemerge.routing import EXPERT_COLORS, Routing, load_moe, route
-from moemerge.verify import verify
+from moemerge.output.merge import MergeSummary, merge
+from moemerge.output.options import MergeOptions
+from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
+from moemerge.tools.request_routing import RequestRouting, checked_for_cli, decide
+from moemerge.tools.routing import EXPERT_COLORS, Routing, load_moe, route
+from moemerge.tools.verify import verify
 
 app = typer.Typer(
     add_completion=False,
@@ -55,6 +57,16 @@ class RichBars:
     def task(self, description: str, total: int) -> Callable[[int], None]:
         task_id = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(task_id, n)
+
+
+def options_from(**values: object) -> MergeOptions:
+    """MergeOptions from command-line values; an out-of-range one is named as its option, in one line."""
+    try:
+        return MergeOptions(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = "--" + str(error["loc"][0]).replace("_", "-")
+        raise MoemergeError(f"{option} {error['input']}: {error['msg'].lower()}") from None
 
 
 def _print_summary(summary: MergeSummary) -> None:
@@ -270,7 +282,7 @@ def serve_command(
     request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Serve OUT over an OpenAI-compatible HTTP API whose replies say which experts answered."""
-    from moemerge.serve import serve  # FastAPI and uvicorn only for this command
+    from moemerge.tools.serve import serve  # FastAPI and uvicorn only for this command
 
     settings = RequestRouting(routing, request_top_k, request_mixing)
     serve(out, host, port, resolve_device(device), model_name, settings)
@@ -296,7 +308,7 @@ def chat_command(
     ] = None,
 ) -> None:
     """Chat with OUT in the terminal; after each answer, a bar of the experts' shares."""
-    from moemerge.chat import chat
+    from moemerge.tools.chat import chat
 
     forced = tuple(expert or ())
     if forced and routing == "token":

@@ -1,13 +1,10 @@
-"""Shared fixtures; tests import their helpers (tiny_models, hostile) from this folder."""
+"""Fixtures shared by test folders; the helpers they use live in tests/support (importable as `support`
+through pytest's pythonpath setting in pyproject.toml)."""
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from hostile import copy_sources, make_sources  # noqa: E402
+from support.hostile import copy_sources, make_sources
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # loads outputs in transformers, vLLM-style and llama.cpp consumers
+
 spec = importlib.util.spec_from_file_location(
     "check_consumers", Path(__file__).parent / "compat" / "check_consumers.py"
 )

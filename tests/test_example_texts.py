@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ROOT / "examples" / "texts"
 sys.path.insert(0, str(ROOT / "examples"))
 

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.paths import ROOT
 
 from moemerge import MergeOptions, merge
-from moemerge.routing import load_moe, route
-from moemerge.verify import verify
+from moemerge.tools.routing import load_moe, route
+from moemerge.tools.verify import verify
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 from build_base import build_base  # noqa: E402
+
+pytestmark = pytest.mark.slow  # builds the real SmolLM2 base and merges it
 
 QUESTIONS = {
     "python": "Write a Python function that returns the squares of a list of numbers.",

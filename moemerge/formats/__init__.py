@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from moemerge.arch import InputFamily
 from moemerge.errors import MoemergeError
+from moemerge.files import check_object
 from moemerge.formats.format import OutputFormat
 from moemerge.formats.mixtral import Mixtral
 from moemerge.formats.qwen2_moe import Qwen2Moe
 from moemerge.formats.qwen3_moe import Qwen3Moe
+from moemerge.inputs.families import InputFamily
 
 log = logging.getLogger("moemerge")
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
@@ -82,8 +83,7 @@ def config_tensors(
 
 def format_of_config(config: Any, where: str) -> OutputFormat:
     """The format of an existing output, from its config.json's model_type."""
-    if not isinstance(config, dict):
-        raise MoemergeError(f"{where}: not a JSON object")
+    check_object(config, where)
     output = next((f for f in FORMATS.values() if f.model_type == config.get("model_type")), None)
     if output is None:
         raise MoemergeError(

@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from moemerge.arch import InputFamily, mlp_tensor
 from moemerge.formats.common import MoeLayout
+from moemerge.inputs.families import InputFamily, mlp_tensor
 
 
 class OutputFormat(ABC):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moemerge.arch import InputFamily
 from moemerge.formats.common import MoeLayout, attention_head_dim, dense_shapes, rope_settings
 from moemerge.formats.qwen_moe import QwenMoeLayout
+from moemerge.inputs.families import InputFamily
 
 SHARED_GATE_WEIGHT = 0.5  # sigmoid(≈0): the shared expert's weight in the mix
 SHARED_GATE_FILL = 2.0**-14  # every entry of the shared-expert gate (see the module docstring)

@@ -12,14 +12,14 @@ from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
 from moemerge.gates.rows import router_rows, warn_parallel
 from moemerge.gates.trained import TrainingReport, token_budget, train_gates
 from moemerge.hf import load_tokenizer
+from moemerge.inputs.prompts import ExpertPrompts
+from moemerge.inputs.recipe import Recipe
+from moemerge.inputs.sources import ModelSource
 from moemerge.progress import Progress
-from moemerge.prompts import ExpertPrompts
-from moemerge.recipe import Recipe
-from moemerge.router_inputs import CaptureOptions, RouterInputs, pad_ready
-from moemerge.sources import ModelSource
 
 log = logging.getLogger("moemerge")
 

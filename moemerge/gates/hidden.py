@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moemerge.router_inputs import CaptureOptions, RouterInputs
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from moemerge.sources import ModelSource
+    from moemerge.inputs.sources import ModelSource
 
 SHRINKAGE = 0.5
 MAX_TOKENS = 256

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
+from moemerge.gates.router_inputs import pad_ready, prompt_batches
 from moemerge.gates.trained import fit_gates, split_prompts, token_accuracy
 from moemerge.hf import load_model, load_tokenizer
-from moemerge.recipe import TrainingSpec
-from moemerge.router_inputs import pad_ready, prompt_batches
-from moemerge.safetensors_header import read_header
-from moemerge.writer import INDEX_NAME
+from moemerge.inputs.recipe import TrainingSpec
+from moemerge.inputs.safetensors_header import read_header
 
 log = logging.getLogger("moemerge")
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moemerge.recipe import TrainingSpec
-from moemerge.router_inputs import RouterInputs
+from moemerge.gates.router_inputs import RouterInputs
+from moemerge.inputs.recipe import TrainingSpec
 
 TOKENS_PER_STEP = 4096
 FEATURE_BUDGET = 256 * 2**20  # bytes of one layer's captured router inputs (float32)

@@ -369,7 +369,7 @@ def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool =
     import shutil
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_models import make_base, make_expert, write_recipe
+    from support.tiny_models import make_base, make_expert, write_recipe
 
     import moemerge
 

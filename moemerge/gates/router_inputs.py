@@ -1,0 +1,148 @@
+"""Capture what each layer's router will see: the post-attention RMSNorm output, over real tokens only,
+one layer at a time.
+
+The MoE shares the base's attention and norms, so the dense base's post_attention_layernorm output is the
+router's input. The prompts go through the base one decoder layer at a time (moemerge.layer_stream), so a
+consumer gets layer i's router inputs for every prompt, uses them and lets them go before layer i+1's come:
+memory holds one layer's weights, the prompts' hidden states (moemerge.activations) and one layer's capture.
+
+Pad tokens and the special tokens the tokenizer adds (BOS) are left out: BOS hidden states are attention
+sinks with outsized norms that would swamp the prompt's own tokens. Prompts are sorted by length so each
+batch carries little padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from moemerge.gates.activations import DEFAULT_BUDGET, Activations
+from moemerge.gates.layer_stream import LayerStack
+from moemerge.inputs.sources import ModelSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Batching needs a pad token; set one on this in-memory copy only, never on what we save."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """Where and how router inputs are computed: device, compute dtype, prompts per batch, activation
+    bytes kept in memory (the rest go to a temporary file)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 16
+    activation_budget: int = DEFAULT_BUDGET
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts tokenized together: their indices, ids and padding mask [B, T], and which tokens are real."""
+
+    prompts: list[int]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    real: torch.Tensor
+
+
+def prompt_batches(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int, max_tokens: int | None
+) -> list[PromptBatch]:
+    """Prompts sorted by length, batched and padded; real tokens are neither padding nor added special tokens
+    (a prompt with no other token keeps its special ones, so that it still counts)."""
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = tokenizer(
+            [prompts[i] for i in chosen],
+            return_tensors="pt",
+            padding=True,
+            truncation=max_tokens is not None,
+            max_length=max_tokens,
+            return_special_tokens_mask=True,
+        )
+        attention = batch["attention_mask"].bool()
+        real = attention & ~batch["special_tokens_mask"].bool()
+        real = torch.where(real.any(dim=1, keepdim=True), real, attention)
+        batches.append(PromptBatch(chosen, batch["input_ids"], batch["attention_mask"], real))
+    return batches
+
+
+class RouterInputs:
+    """The router inputs of a prompt set, layer by layer.
+
+    `owners` gives the prompt index of every real token, in the order each layer's capture lists them.
+    """
+
+    def __init__(
+        self,
+        base: ModelSource,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        options: CaptureOptions,
+        max_tokens: int | None,
+    ) -> None:
+        self.base, self.options = base, options
+        self.batches = prompt_batches(tokenizer, prompts, options.batch_size, max_tokens)
+        owners = [torch.tensor(b.prompts)[:, None].expand_as(b.real)[b.real] for b in self.batches]
+        self.owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+
+    def layers(
+        self, count: int | None = None, keep: torch.Tensor | None = None, on_batch: Callable[[int], None] | None = None
+    ) -> Iterator[torch.Tensor]:
+        """For layers 0..count-1 (all by default) in turn: the router input of every real token, or of those
+        `keep` [tokens, bool] marks, as float32 [tokens, hidden] on the capture device.
+
+        Layer i's weights are read when it is reached and dropped before layer i+1's are read; `on_batch`
+        hears of every batch of prompts done, layer after layer.
+        """
+        stack = LayerStack(self.base, self.options.device, self.options.dtype)
+        count = stack.num_layers if count is None else count
+        counts = [int(b.real.sum()) for b in self.batches]
+        kept = keep.to(self.options.device).split(counts) if keep is not None else None
+        shapes = [(*b.input_ids.shape, stack.hidden_size) for b in self.batches]
+        with Activations(shapes, self.options.dtype, self.options.device, self.options.activation_budget) as hidden:
+            for i, batch in enumerate(self.batches):
+                hidden[i] = stack.embed(batch.input_ids)
+            for layer in range(count):
+                yield self._layer(stack, layer, hidden, kept, last=layer == count - 1, on_batch=on_batch)
+
+    def _layer(
+        self,
+        stack: LayerStack,
+        layer: int,
+        hidden: Activations,
+        kept: Sequence[torch.Tensor] | None,
+        last: bool,
+        on_batch: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        """Run every batch through one layer, updating `hidden` in place, and return the captured tokens."""
+        captured: list[torch.Tensor] = []
+        with stack.loaded(layer) as module:
+            seen: list[torch.Tensor] = []
+            hook = module.post_attention_layernorm.register_forward_hook(lambda _m, _i, out: seen.append(out))
+            try:
+                for i, batch in enumerate(self.batches):
+                    out = stack.forward(hidden[i], batch.attention_mask)
+                    if not last:
+                        hidden[i] = out
+                    tokens = seen.pop()[batch.real.to(out.device)].float()
+                    captured.append(tokens if kept is None else tokens[kept[i]])
+                    if on_batch:
+                        on_batch(len(batch.prompts))
+            finally:
+                hook.remove()
+        return torch.cat(captured)

@@ -1,0 +1,139 @@
+"""The main job: recipe → checked inputs → checked plan → gates → streamed shards in a partial folder →
+records → renamed into place. Each step lives in its own module; this one only runs them in order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from moemerge.device import resolve_device
+from moemerge.errors import MoemergeError
+from moemerge.files import CONFIG
+from moemerge.formats.common import MoeLayout
+from moemerge.gates.compute import GateContext, compute_gates
+from moemerge.gates.on_moe import tune_on_moe
+from moemerge.hub.download import HubFetcher
+from moemerge.inputs.prompts import gather_prompts
+from moemerge.inputs.recipe import Recipe, load_recipe
+from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
+from moemerge.output.options import MergeOptions
+from moemerge.output.plan import build_plan, check_plan
+from moemerge.output.records import Made, write_records
+from moemerge.output.side_files import copy_side_files
+from moemerge.output.staging import check_output, output_folder, staged_output
+from moemerge.output.writer import PlannedTensor, write_json, write_shards
+from moemerge.progress import Progress, Silent
+from moemerge.tools.verify import check_structure
+
+log = logging.getLogger("moemerge")
+TUNING_REPORT = "router_tuning.json"
+
+
+@dataclass
+class MergeSummary:
+    """What was written, for the closing summary."""
+
+    out: Path
+    experts: list[str]
+    layers: int
+    total_params: int
+    active_params: int
+    bytes_written: int
+    seconds: float
+
+
+def _layout(recipe: Recipe, inputs: Inputs, dtype_name: str) -> MoeLayout:
+    """The MoE's shape: experts, top-k, shared expert, dtype, and which layers stay dense."""
+    layers = inputs.shape.num_layers
+    moe_layers = recipe.moe_layers if recipe.moe_layers is not None else range(layers)
+    dense_layers = tuple(layer for layer in range(layers) if layer not in moe_layers)
+    family = inputs.shape.family.name
+    shared = inputs.shared is not None
+    return MoeLayout(family, len(inputs.experts), recipe.experts_per_token, shared, dtype_name, dense_layers)
+
+
+def _tuning_prompts(recipe: Recipe, labelled: list[tuple[str, int]], positive: list[list[str]]) -> list:
+    """The labelled prompts that tune routers on the MoE: the dataset's, else each expert's positive prompts."""
+    prompts = labelled or [(text, e) for e, group in enumerate(positive) for text in group]
+    if recipe.training.tune_on_moe and len({label for _, label in prompts}) < 2:
+        raise MoemergeError(
+            "training.tune_on_moe: routers are tuned on labelled prompts of at least two experts; give the experts "
+            "positive_prompts or a dataset_csv"
+        )
+    return prompts
+
+
+def _plan(inputs: Inputs, recipe: Recipe, layout: MoeLayout, gates, dtype) -> list[PlannedTensor]:
+    return build_plan(
+        inputs.output,
+        inputs.base,
+        inputs.shape,
+        inputs.experts,
+        inputs.shared,
+        dtype,
+        gates,
+        recipe.non_expert_weights,
+        frozenset(layout.dense_layers),
+    )
+
+
+def merge(
+    recipe_path: str | Path, out: str | Path, options: MergeOptions | None = None, progress: Progress | None = None
+) -> MergeSummary:
+    """Build the MoE described by `recipe_path` into the folder `out`; nothing appears at `out` on failure."""
+    options = options or MergeOptions()
+    progress = progress or Silent()
+    started = time.perf_counter()
+    recipe_path, out = Path(recipe_path), output_folder(Path(out))
+    recipe = load_recipe(recipe_path)
+    device = resolve_device(options.device)
+    check_output(out, options.force, [("the recipe", recipe_path)])  # before any download
+    hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
+    inputs = open_inputs(recipe, recipe_path.parent, options, hub)
+    base, shape, experts, output = inputs.base, inputs.shape, inputs.experts, inputs.output
+    dtype = output_dtype(options, recipe, base)
+    prompts = gather_prompts(recipe, recipe_path.parent)
+    check_output(out, options.force, inputs.read_paths(recipe_path, prompts.files))
+    tuning_prompts = _tuning_prompts(recipe, prompts.labelled, prompts.positive)
+
+    layout = _layout(recipe, inputs, str(dtype).removeprefix("torch."))
+    config = output.config(base.config, layout)
+    if caveat := output.caveat(layout):
+        log.warning(f"{output.name}: {caveat}")
+    check_plan(_plan(inputs, recipe, layout, None, dtype), output.expected_tensors(config), output.name)
+    context = GateContext(
+        base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
+    )
+    gates = compute_gates(recipe, prompts, context)
+    plan = _plan(inputs, recipe, layout, gates.rows, dtype)
+
+    total = sum(t.numel for t in plan)
+    per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
+    active = total - per_expert * (len(experts) - recipe.experts_per_token)
+    with staged_output(out, options.force) as partial:
+        advance = progress.task("writing shards", sum(t.nbytes for t in plan))
+        index, digests = write_shards(plan, partial, options.shard_size, advance)
+        write_json(partial / CONFIG, config)
+        copy_side_files(base.path, partial)
+        if recipe.training.tune_on_moe:
+            sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
+            tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
+            write_json(partial / TUNING_REPORT, tuned.as_dict())
+            digests |= tuned.shard_sha256
+        recipe_text = recipe_path.read_text(encoding="utf-8")
+        made = Made(
+            recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active
+        )
+        write_records(partial, out.name, made)
+        check_structure(partial)
+    return MergeSummary(
+        out,
+        recipe.expert_names(),
+        shape.num_layers,
+        total,
+        active,
+        int(index["metadata"]["total_size"]),
+        time.perf_counter() - started,
+    )

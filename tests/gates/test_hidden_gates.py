@@ -1,0 +1,126 @@
+"""Hidden-state gates: they are built from the tensor the router really sees, and they route prompts home."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from support.tiny_models import make_base, make_expert, tiny_tokenizer, write_recipe
+from transformers import AutoModelForCausalLM
+
+from moemerge import MergeOptions, merge
+from moemerge.gates.hidden import SHRINKAGE, _discriminant
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.inputs.sources import ModelSource
+
+PROMPTS = [
+    ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],
+    ["xxxx yyyy zzzz", "zyx xyz zzzz yy", "yyy xxx zyzyz"],
+    ["0101 1010 0", "11 00 1 0 1 01", "1.0, 0.1, 1?"],
+]
+
+
+def _router_inputs(base, prompts: list[str], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """moemerge's capture: every real token's router input [layers, tokens, hidden] and its prompt [tokens]."""
+    options = CaptureOptions(torch.device("cpu"), torch.float32, batch_size)
+    inputs = RouterInputs(ModelSource(base, "base"), pad_ready(tiny_tokenizer()), prompts, options, max_tokens=256)
+    return torch.stack(list(inputs.layers())), inputs.owners
+
+
+def _pooled(base, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean router input over each prompt's real tokens: [layers, prompts, hidden]."""
+    features, owners = _router_inputs(base, prompts, batch_size)
+    return torch.stack([features[:, owners == p].mean(dim=1) for p in range(len(prompts))], dim=1)
+
+
+def _gate_rows(out, layers: int) -> torch.Tensor:
+    index = out / "model-00001-of-00001.safetensors"
+    with safe_open(str(index), "pt") as handle:
+        return torch.stack([handle.get_tensor(f"model.layers.{i}.block_sparse_moe.gate.weight") for i in range(layers)])
+
+
+def test_captured_tensor_is_the_router_input(tmp_path):
+    """Router inputs recorded inside the merged Mixtral equal what moemerge pools from the dense base."""
+    base = make_base(tmp_path / "base")
+    recipe = write_recipe(tmp_path / "r.yaml", base, [base, base], experts_per_token=1)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokenizer = pad_ready(tiny_tokenizer())
+    prompts = ["abc def", "zz yy xx ww vv", "q"]
+
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _m, inputs, _o, i=i: seen.__setitem__(i, inputs[0]))
+        for i, layer in enumerate(moe.model.layers)
+    ]
+    for p, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            moe(**ids)
+        expected, _ = _router_inputs(base, [prompt])
+        for layer, router_input in seen.items():
+            tokens = router_input.reshape(ids["input_ids"].shape[1], -1)[1:]  # drop BOS, as the gates do
+            torch.testing.assert_close(tokens, expected[layer], atol=1e-5, rtol=1e-5)
+        assert len(seen) == len(moe.model.layers), p
+    for hook in hooks:
+        hook.remove()
+
+
+def test_padding_does_not_change_router_inputs(tmp_path):
+    """A prompt's token router inputs are the same alone or in a padded batch with longer prompts."""
+    base = make_base(tmp_path / "base")
+    alone, _ = _router_inputs(base, ["ab"])
+    batched, owners = _router_inputs(base, ["ab", "a much longer prompt here", "xyz"], batch_size=3)
+    assert alone.shape[1] == 2  # two real tokens: BOS and padding are left out
+    torch.testing.assert_close(alone, batched[:, owners == 0], atol=1e-5, rtol=1e-5)
+
+
+def test_own_prompts_score_highest_on_own_gate(tmp_path):
+    base = make_base(tmp_path / "base", num_hidden_layers=4)
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    specs = [{"source_model": str(e), "positive_prompts": p} for e, p in zip(experts, PROMPTS, strict=True)]
+    recipe = write_recipe(tmp_path / "r.yaml", base, specs, experts_per_token=1)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    rows = _gate_rows(tmp_path / "out", 4)
+    pooled = _pooled(base, [p for group in PROMPTS for p in group])
+    labels = torch.tensor([e for e, group in enumerate(PROMPTS) for _ in group])
+    logits = torch.einsum("leh,lph->lpe", rows, pooled)
+    correct_per_layer = (logits.argmax(dim=-1) == labels).float().mean(dim=1)
+    assert (correct_per_layer >= 2 / 3).sum() >= 3, correct_per_layer
+
+
+def test_experts_with_near_identical_prompts_are_warned_about(tmp_path, caplog):
+    base = make_base(tmp_path / "base")
+    specs = [
+        {"source_model": str(base), "name": "first", "positive_prompts": ["aaaa bbbb aaaa", "abab abab"]},
+        {"source_model": str(base), "name": "twin", "positive_prompts": ["aaaa bbbb aaaa.", "abab abab"]},
+        {"source_model": str(base), "name": "other", "positive_prompts": ["zzzz yyyy", "0101 1010"]},
+    ]
+    with caplog.at_level("WARNING", logger="moemerge"):
+        merge(write_recipe(tmp_path / "r.yaml", base, specs), tmp_path / "out")
+    warned = [r.getMessage() for r in caplog.records if "nearly parallel" in r.getMessage()]
+    assert warned and all("first and twin" in m for m in warned), warned
+    assert len({m.split(":")[0] for m in warned}) == 3  # one line per layer, every layer
+
+
+@pytest.mark.parametrize("tokens", [40, 300], ids=["fewer_tokens_than_hidden", "more_tokens_than_hidden"])
+def test_discriminant_is_the_shrunk_covariance_solve(tokens):
+    """Σ_shrunk⁻¹ (means − their mean), computed in float64 from its definition, whichever side is factored."""
+    hidden, experts = 96, 3
+    generator = torch.Generator().manual_seed(tokens)
+    labels = torch.arange(tokens) % experts
+    # correlated features, as router inputs are: a few directions carry most of the variance
+    mixing = torch.randn(hidden, hidden, generator=generator) * torch.logspace(1, -1, hidden)[:, None]
+    features = torch.randn(tokens, hidden, generator=generator) @ mixing + labels[:, None] * 0.3
+    means = torch.randn(experts, hidden, generator=generator)
+
+    exact = features.double()
+    class_means = torch.stack([exact[labels == e].mean(dim=0) for e in range(experts)])
+    residual = exact - class_means[labels]
+    scatter = residual.T @ residual / tokens
+    shrunk = (1 - SHRINKAGE) * scatter + SHRINKAGE * torch.trace(scatter) / hidden * torch.eye(hidden)
+    want = torch.linalg.solve(shrunk, (means.double() - means.double().mean(dim=0)).T).T
+
+    got = _discriminant(features, labels, means)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())

@@ -1,0 +1,203 @@
+"""The layer-streamed router inputs equal the whole transformers model's, on every input family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from support.tiny_models import make_base, write_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moemerge import MergeOptions, merge
+from moemerge.gates import trained
+from moemerge.gates.hidden import SHRINKAGE
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.gates.trained import fit_gates, sample_tokens
+from moemerge.inputs.recipe import TrainingSpec
+from moemerge.inputs.sources import ModelSource
+
+# Llama 3.1's rope scaling, with an original context shorter than the prompts below.
+LLAMA3 = dict(
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    rope_theta=500000.0,
+)
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", LLAMA3),
+    "mistral": ("mistral", dict(sliding_window=4)),  # shorter than most prompts
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),  # q/k/v biases
+    "qwen3": ("qwen3", {}),  # q/k norms
+}
+PROMPTS = [
+    "a quick brown fox jumps over the lazy dog",
+    "",  # BOS only: the one token kept
+    "zz yy",
+    "hello, world. is this long enough? 0101",
+    "q",
+    "the sliding window is shorter than this",
+]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def base(request, tmp_path_factory) -> Path:
+    family, overrides = FAMILIES[request.param]
+    return make_base(tmp_path_factory.mktemp(request.param) / "base", family, seed=3, **overrides)
+
+
+def whole_model_router_inputs(base: Path, prompt: str) -> torch.Tensor:
+    """One prompt alone (no padding) through the whole transformers model, with forward hooks on every
+    post_attention_layernorm: [layers, tokens, hidden] over its tokens other than BOS (all, if BOS is all)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)  # as the folder has it (Qwen2's class drops spaces)
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.post_attention_layernorm.register_forward_hook(lambda _m, _i, out: seen.append(out[0]))
+        for layer in model.model.layers
+    ]
+    encoded = tokenizer(prompt, return_tensors="pt", return_special_tokens_mask=True)
+    with torch.no_grad():
+        model(input_ids=encoded["input_ids"])
+    for hook in hooks:
+        hook.remove()
+    real = ~encoded["special_tokens_mask"][0].bool()
+    real = real if real.any() else ~real
+    return torch.stack([hidden[real] for hidden in seen])
+
+
+def merged_gates(out: Path, layers: int) -> torch.Tensor:
+    """The router weights a merge wrote, [layers, experts, hidden], whichever MoE format it chose."""
+    rows = {}
+    with safe_open(str(out / "model-00001-of-00001.safetensors"), "pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if name.endswith((".gate.weight",)) and ".experts." not in name and "shared" not in name:
+                rows[int(name.split(".")[2])] = handle.get_tensor(name)
+    return torch.stack([rows[layer] for layer in range(layers)])
+
+
+def tokenizer_of(base: Path):
+    return pad_ready(AutoTokenizer.from_pretrained(base))
+
+
+def streamed(base: Path, prompts: list[str], batch_size: int = 3, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    options = CaptureOptions(torch.device("cpu"), torch.float32, batch_size, **kwargs)
+    inputs = RouterInputs(ModelSource(base, "base"), tokenizer_of(base), prompts, options, max_tokens=None)
+    return list(inputs.layers()), inputs.owners
+
+
+def test_streamed_router_inputs_equal_the_whole_model(base):
+    """Padded batches of mixed lengths, layer by layer, against each prompt alone through the whole model."""
+    layers, owners = streamed(base, PROMPTS)
+    assert len(layers) == 3
+    for p, prompt in enumerate(PROMPTS):
+        expected = whole_model_router_inputs(base, prompt)
+        got = torch.stack([features[owners == p] for features in layers])
+        assert got.shape == expected.shape, prompt
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_activations_on_disk_give_the_same_router_inputs(base):
+    """A zero activation budget sends the hidden states between layers through a temporary file."""
+    in_memory, owners = streamed(base, PROMPTS, batch_size=2)
+    on_disk, disk_owners = streamed(base, PROMPTS, batch_size=2, activation_budget=0)
+    assert torch.equal(owners, disk_owners)
+    for memory_layer, disk_layer in zip(in_memory, on_disk, strict=True):
+        assert torch.equal(memory_layer, disk_layer)
+
+
+def test_kept_tokens_and_layer_count(base):
+    """`keep` selects tokens of the full capture; `count` stops the stream early."""
+    full, owners = streamed(base, PROMPTS)
+    keep = torch.arange(len(owners)) % 3 == 1
+    options = CaptureOptions(torch.device("cpu"), torch.float32, 3)
+    inputs = RouterInputs(ModelSource(base, "base"), tokenizer_of(base), PROMPTS, options, max_tokens=None)
+    partial = list(inputs.layers(count=2, keep=keep))
+    assert len(partial) == 2
+    for layer in range(2):
+        assert torch.equal(partial[layer], full[layer][keep])
+
+
+def test_hidden_gate_merge_is_built_from_the_whole_model_router_inputs(base, tmp_path):
+    """The merged routers equal the hidden-gate definition evaluated in float64 on the whole transformers
+    model's router inputs: rows ∝ Σ_shrunk⁻¹(μₑ − μ̄), centred over experts, unit length, times
+    gate_scale / mean token norm (the definition in moemerge.gates.hidden and rows, written out here)."""
+    texts = [p for p in PROMPTS if p]  # recipes drop blank prompts
+    groups = [texts[:2], texts[2:4], texts[4:]]
+    specs = [{"source_model": str(base), "positive_prompts": group} for group in groups]
+    recipe = write_recipe(tmp_path / "r.yaml", base, specs, gate_scale=7.0)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu", batch_size=2))
+    got = merged_gates(tmp_path / "out", 3)
+    per_prompt = [whole_model_router_inputs(base, p).double() for group in groups for p in group]
+    labels = [e for e, group in enumerate(groups) for _ in group]
+    token_labels = torch.cat([torch.full((f.shape[1],), labels[i]) for i, f in enumerate(per_prompt)])
+    features = torch.cat(per_prompt, dim=1)  # [layers, tokens, hidden]
+    for layer in range(3):
+        x = features[layer]
+        means = torch.stack([x[token_labels == e].mean(dim=0) for e in range(3)])
+        residual = x - means[token_labels]
+        scatter = residual.T @ residual / len(x)
+        hidden = x.shape[1]
+        shrunk = (1 - SHRINKAGE) * scatter + SHRINKAGE * torch.trace(scatter) / hidden * torch.eye(hidden).double()
+        rows = torch.linalg.solve(shrunk, (means - means.mean(dim=0)).T).T
+        rows = rows - rows.mean(dim=0)
+        rows = rows / rows.norm(dim=-1, keepdim=True) * 7.0 / x.norm(dim=-1).mean()
+        torch.testing.assert_close(got[layer].double(), rows, rtol=1e-4, atol=1e-4 * rows.abs().max().item())
+
+
+def test_fitting_layer_by_layer_equals_fitting_all_layers_at_once():
+    """Trained gates fit each layer as it is captured; the joint fit over layers gives the same weights."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(300) % 3
+    features = torch.randn(2, 300, 16, generator=generator) + labels[None, :, None] * 0.2
+    spec = TrainingSpec(steps=40, lr=0.05)
+    joint = fit_gates(features, labels, 3, spec)
+    alone = torch.cat([fit_gates(features[layer : layer + 1], labels, 3, spec) for layer in range(2)])
+    torch.testing.assert_close(alone, joint, rtol=1e-5, atol=1e-6)
+
+
+def test_token_budget_keeps_each_experts_share():
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    candidates = torch.ones(1000, dtype=torch.bool)
+    candidates[::10] = False  # 900 candidates: 540 / 270 / 90
+    assert torch.equal(sample_tokens(candidates, labels, 900, seed=0), candidates)
+    chosen = sample_tokens(candidates, labels, 90, seed=0)
+    assert not (chosen & ~candidates).any()
+    assert [int((chosen & (labels == e)).sum()) for e in range(3)] == [54, 27, 9]
+    assert not torch.equal(chosen, sample_tokens(candidates, labels, 90, seed=1))
+
+
+def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
+    """With room for a fifth of the labelled tokens, the gates are fitted on that sample and still route
+    held-out prompts home."""
+    base = make_base(tmp_path / "base", "qwen3", num_hidden_layers=2)
+    alphabets = ["abcdefg", "stuvwxyz", "01.,?"]
+    rows = [
+        ("".join(alphabets[e][(i * 7 + j * 3) % len(alphabets[e])] for j in range(12 + i % 7)), e)
+        for e in range(3)
+        for i in range(30)
+    ]
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
+    experts = [{"source_model": str(base), "name": f"e{i}"} for i in range(3)]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        base,
+        experts,
+        gate_mode="trained",
+        dataset_csv=str(tmp_path / "train.csv"),
+        training={"steps": 150, "lr": 0.05},
+    )
+    tokens = sum(len(t) for t, _ in rows)
+    monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * 32 * tokens // 5)  # float32, hidden 32
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
+    assert report["train_tokens"] + report["holdout_tokens"] <= tokens // 5
+    assert report["train_tokens"] >= tokens // 5 * 0.75
+    assert min(report["layer_accuracy"]) >= 0.9, report

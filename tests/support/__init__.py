@@ -1,0 +1,1 @@
+"""What the tests share: tiny models, hostile-input runners, a fake Hub, gate references, the CLI path."""
