@@ -265,6 +265,7 @@ def write_recipe(path: Path, inputs: Inputs, gates: str, args: argparse.Namespac
             for i, (folder, prompts) in enumerate(zip(inputs.experts, inputs.prompts, strict=True))
         ],
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     if gates == "trained":
         named = [(text, f"e{label}" if isinstance(label, int) else label) for text, label in inputs.labelled]
         if isinstance(inputs.labelled[0][1], str):
@@ -272,7 +273,6 @@ def write_recipe(path: Path, inputs: Inputs, gates: str, args: argparse.Namespac
                 entry["name"] = name
         recipe["dataset_csv"] = str(write_csv(path.with_suffix(".csv"), named))
         recipe["training"] = {"steps": args.train_steps, "layers": args.train_layers}
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
     return path
 
