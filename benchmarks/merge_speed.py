@@ -265,6 +265,7 @@ def write_recipe(path: Path, inputs: Inputs, gates: str, args: argparse.Namespac
             for i, (folder, prompts) in enumerate(zip(inputs.experts, inputs.prompts, strict=True))
         ],
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     if gates == "trained":
         named = [(text, f"e{label}" if isinstance(label, int) else label) for text, label in inputs.labelled]
         if isinstance(inputs.labelled[0][1], str):
@@ -272,7 +273,6 @@ def write_recipe(path: Path, inputs: Inputs, gates: str, args: argparse.Namespac
                 entry["name"] = name
         recipe["dataset_csv"] = str(write_csv(path.with_suffix(".csv"), named))
         recipe["training"] = {"steps": args.train_steps, "layers": args.train_layers}
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False, width=1000))
     return path
 
@@ -560,6 +560,7 @@ def summarize(records: list[RunRecord]) -> list[dict[str, object]]:
             "ratio_to_copy": statistics.median(totals) / statistics.median(copies) if copies else None,
             "ratio_to_random": None,
             "prompts_per_s": None,
+            "median_loadavg": statistics.median(r.loadavg for r in runs),
         }
         random_runs = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, "random", method)]
         if gates != "random" and random_runs and method != "copy":
@@ -598,9 +599,10 @@ def markdown(rows: list[dict[str, object]]) -> str:
     """The summary rows as a markdown table."""
     header = (
         "| method | gates | size | runs | median wall s | min–max s | median wall+sync s | peak tree RSS GiB "
-        "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | ratio to random | prompts/s |"
+        "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | ratio to random | prompts/s "
+        "| load avg |"
     )
-    lines = [header, "|" + "---|" * 14]
+    lines = [header, "|" + "---|" * 15]
     for row in rows:
         method = {"copy": "copy (cp -r + sync)", "baseline": "moemerge, whole-model pass (baseline)"}.get(
             row["method"], row["method"]
@@ -620,6 +622,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
             _fmt(row["ratio_to_copy"]),
             _fmt(row.get("ratio_to_random")),
             _fmt(row["prompts_per_s"], 1),
+            _fmt(row.get("median_loadavg"), 1),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -644,6 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mergekit", help="the mergekit-moe command (default: PATH, else /work/mkvenv)")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="RSS polling interval")
     parser.add_argument("--json", type=Path, help="write runs and summary here")
+    parser.add_argument("--markdown", type=Path, help="write the summary table here")
     parser.add_argument("--keep-outputs", action="store_true", help="leave the last outputs under WORKDIR/out")
     parser.add_argument("--combine", type=Path, nargs="+", help="only report: join the runs of earlier --json files")
     args = parser.parse_args(argv)
@@ -681,11 +685,17 @@ def combined_runs(paths: list[Path]) -> list[RunRecord]:
     return records
 
 
-def print_report(records: list[RunRecord], json_path: Path | None, extra: dict[str, object]) -> None:
-    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` if given."""
+def print_report(
+    records: list[RunRecord], json_path: Path | None, extra: dict[str, object], markdown_path: Path | None = None
+) -> None:
+    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table to
+    `markdown_path` if given."""
     rows = summarize(records)
     ratios = pair_ratios(records)
-    print(markdown(rows))
+    table = markdown(rows)
+    print(table)
+    if markdown_path:
+        markdown_path.write_text(table + "\n")
     for ratio in ratios:
         listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
         print(
@@ -704,6 +714,7 @@ def main(argv: list[str] | None = None) -> None:
             combined_runs(args.combine),
             args.json,
             {"combined": [str(p) for p in args.combine]},
+            args.markdown,
         )
         return
     tools = {"moemerge": find_moemerge(args.moemerge)}
@@ -740,7 +751,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": version("torch")},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    print_report(records, args.json, extra)
+    extra["command"] = [sys.executable, *sys.argv]
+    print_report(records, args.json, extra, args.markdown)
 
 
 if __name__ == "__main__":

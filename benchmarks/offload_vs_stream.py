@@ -3,7 +3,7 @@
 Each method runs in its own child process (its ru_maxrss is its own peak), on the same prompts, alternating
 between repeats:
 
-- stream: moemerge.router_inputs.RouterInputs, each layer read from the safetensors files once;
+- stream: moemerge.gates.router_inputs.RouterInputs, each layer read from the safetensors files once;
 - offload: transformers + accelerate with every decoder layer offloaded to disk (`device_map` "disk"; the
   weights stay in the base's safetensors files and are loaded by accelerate's hooks for every batch that
   passes through the layer), router inputs captured with forward hooks;

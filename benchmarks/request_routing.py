@@ -7,7 +7,7 @@ On the routing benchmark's held-out texts (benchmarks/routing_quality.py), per d
   routing (decided from those first tokens: top-1, top-2 with the router's choice, top-2 with fixed weights), and
   the oracle (the text's own expert alone, forced: exactly the dense expert, see tests/test_request_routing.py);
 - generation speed on the demo model (examples/demo_recipe.yaml) through the engine `moemerge serve` runs
-  (moemerge.serve.Engine, greedy): token routing top-2 against request routing top-1, alternating in one run.
+  (moemerge.tools.engine.Engine, greedy): token routing top-2 against request routing top-1, alternating in one run.
 
     python benchmarks/request_routing.py                        # writes benchmarks/results/request_routing.{json,md}
     python benchmarks/request_routing.py --parts speed          # one part; the report is written once all are in

@@ -20,12 +20,13 @@ def quiet() -> None:
     logging.disable_progress_bar()
 
 
-def load_model(path: Path, dtype: torch.dtype | str = "auto", device_map: str | None = None) -> PreTrainedModel:
-    """A causal LM from a local folder, in eval mode."""
+def load_model(path: Path, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
+    """A causal LM from a local folder, in eval mode, on the CPU in one piece (no device map: the gates'
+    router inputs are captured layer by layer instead, moemerge.layer_stream)."""
     from transformers import AutoModelForCausalLM
 
     quiet()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     return model.eval()
 
 

@@ -53,8 +53,9 @@ def _cpu_has_native_bf16() -> bool:
 
 def capture_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the base computes router inputs in: on CUDA the output dtype. On CPU bfloat16 when the
-    output is bfloat16 and the CPU computes it natively (measured 2.7-3.6x faster than float32 and half the
-    memory), else float32: emulated half precision is slow, and float16 on CPU loses accuracy."""
+    output is bfloat16 and the CPU computes it natively (faster than float32 at the same routing accuracy and
+    half the memory: benchmarks/capture_dtype.py, results in benchmarks/results/capture_dtype-*), else
+    float32: emulated half precision is slow, and float16 on CPU loses accuracy."""
     if device.type == "cuda":
         return dtype
     return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32

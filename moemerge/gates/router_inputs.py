@@ -84,7 +84,8 @@ def prompt_batches(
 class RouterInputs:
     """The router inputs of a prompt set, layer by layer.
 
-    `owners` gives the prompt index of every real token, in the order each layer's capture lists them.
+    `owners` gives the prompt index of every real token, in the order each layer's capture lists them, and
+    `counts` how many of them each batch has.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class RouterInputs:
         self.batches = prompt_batches(tokenizer, prompts, options.batch_size, max_tokens)
         owners = [torch.tensor(b.prompts)[:, None].expand_as(b.real)[b.real] for b in self.batches]
         self.owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        self.counts = [len(o) for o in owners]  # real tokens per batch
 
     def layers(
         self, count: int | None = None, keep: torch.Tensor | None = None, on_batch: Callable[[int], None] | None = None
@@ -109,10 +111,18 @@ class RouterInputs:
         Layer i's weights are read when it is reached and dropped before layer i+1's are read; `on_batch`
         hears of every batch of prompts done, layer after layer.
         """
+        for batches in self.layer_batches(count, keep, on_batch):
+            yield torch.cat([tokens for _, tokens in batches])
+
+    def layer_batches(
+        self, count: int | None = None, keep: torch.Tensor | None = None, on_batch: Callable[[int], None] | None = None
+    ) -> Iterator[Iterator[tuple[int, torch.Tensor]]]:
+        """As `layers`, but each layer comes as an iterator over (batch index, that batch's captured tokens),
+        to be exhausted before the next layer's: a consumer that folds them into running sums never holds a
+        whole layer's tokens. Batch i's owners are `owners.split(counts)[i]` (all of them: no `keep`)."""
         stack = LayerStack(self.base, self.options.device, self.options.dtype)
         count = stack.num_layers if count is None else count
-        counts = [int(b.real.sum()) for b in self.batches]
-        kept = keep.to(self.options.device).split(counts) if keep is not None else None
+        kept = keep.to(self.options.device).split(self.counts) if keep is not None else None
         shapes = [(*b.input_ids.shape, stack.hidden_size) for b in self.batches]
         with Activations(shapes, self.options.dtype, self.options.device, self.options.activation_budget) as hidden:
             for i, batch in enumerate(self.batches):
@@ -128,9 +138,8 @@ class RouterInputs:
         kept: Sequence[torch.Tensor] | None,
         last: bool,
         on_batch: Callable[[int], None] | None,
-    ) -> torch.Tensor:
-        """Run every batch through one layer, updating `hidden` in place, and return the captured tokens."""
-        captured: list[torch.Tensor] = []
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run every batch through one layer, updating `hidden` in place, and yield each batch's captured tokens."""
         with stack.loaded(layer) as module:
             seen: list[torch.Tensor] = []
             hook = module.post_attention_layernorm.register_forward_hook(lambda _m, _i, out: seen.append(out))
@@ -140,9 +149,8 @@ class RouterInputs:
                     if not last:
                         hidden[i] = out
                     tokens = seen.pop()[batch.real.to(out.device)].float()
-                    captured.append(tokens if kept is None else tokens[kept[i]])
                     if on_batch:
                         on_batch(len(batch.prompts))
+                    yield i, tokens if kept is None else tokens[kept[i]]
             finally:
                 hook.remove()
-        return torch.cat(captured)

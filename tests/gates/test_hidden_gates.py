@@ -9,7 +9,7 @@ from support.tiny_models import make_base, make_expert, tiny_tokenizer, write_re
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
-from moemerge.gates.hidden import SHRINKAGE, _discriminant
+from moemerge.gates.hidden import SHRINKAGE, LayerPool, _discriminant
 from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
 from moemerge.inputs.sources import ModelSource
 
@@ -124,3 +124,37 @@ def test_discriminant_is_the_shrunk_covariance_solve(tokens):
     got = _discriminant(features, labels, means)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [40, 300], ids=["fewer_tokens_than_hidden", "more_tokens_than_hidden"])
+def test_layer_pool_fed_batch_by_batch_is_the_whole_layer_solve(tokens):
+    """Running sums and a merged scatter, fed in uneven batches, give the rows and norm that the definition
+    gives on all tokens at once (float64): Σ_shrunk⁻¹(targetₑ − mean target), targetₑ = mean of expert e's
+    positive tokens minus the mean of its negative ones, Σ the positive tokens' within-expert covariance.
+    The features share a large offset, as router inputs do, which a naive Σxxᵀ − nμμᵀ in float32 would lose."""
+    hidden, experts = 96, 3
+    generator = torch.Generator().manual_seed(tokens)
+    groups = torch.arange(tokens) % (2 * experts)
+    groups = torch.where(groups < experts, groups, experts - 1 - groups)  # −1−e: expert e's negatives
+    groups[groups == 1] = -2  # expert 1 has negative prompts only
+    groups[groups == -3] = 2  # expert 2 has positive prompts only
+    mixing = torch.randn(hidden, hidden, generator=generator) * torch.logspace(1, -1, hidden)[:, None]
+    features = torch.randn(tokens, hidden, generator=generator) @ mixing + groups[:, None] * 0.3 + 40.0
+
+    exact, positive = features.double(), groups >= 0
+    means = [exact[groups == e].mean(dim=0) if (groups == e).any() else torch.zeros(hidden) for e in range(3)]
+    negative_means = [exact[groups == -1 - e].mean(dim=0) if e < 2 else 0 for e in range(3)]
+    targets = torch.stack([m - n for m, n in zip(means, negative_means, strict=True)])
+    residual = exact[positive] - torch.stack(means)[groups[positive]]
+    scatter = residual.T @ residual / len(residual)
+    shrunk = (1 - SHRINKAGE) * scatter + SHRINKAGE * torch.trace(scatter) / hidden * torch.eye(hidden)
+    want = torch.linalg.solve(shrunk, (targets - targets.mean(dim=0)).T).T
+
+    pool = LayerPool(experts, hidden, int(positive.sum()), torch.device("cpu"))
+    sizes = [1, 7, 2, 25, 3]
+    sizes.append(tokens - sum(sizes))
+    for chunk, chunk_groups in zip(features.split(sizes), groups.split(sizes), strict=True):
+        pool.add(chunk, chunk_groups)
+    got, norm = pool.rows([["a negative prompt"], ["another"], []])
+    assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+    assert norm.item() == pytest.approx(exact.norm(dim=-1).mean().item(), rel=1e-6)
