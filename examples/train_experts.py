@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from build_base import DEFAULT_OUT, build_base
 from domains import DOMAINS, domain_texts
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 HERE = Path(__file__).resolve().parent
@@ -95,10 +96,16 @@ def train_adapter(
     seq_len: int,
     lr: float,
     attention: bool = False,
+    start_from: Path | None = None,
 ) -> PeftModel:
-    """Train a LoRA adapter on the domain's "train" split with AdamW and a linear decay."""
+    """Train a LoRA adapter on the domain's "train" split with AdamW and a linear decay; with `start_from`
+    (an adapter folder), the modules it adapts start from its weights, the others from PEFT's init."""
     torch.manual_seed(0)
     model = get_peft_model(load_base(base_dir), lora_config(attention))
+    if start_from is not None:
+        result = set_peft_model_state_dict(model, load_file(start_from / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise SystemExit(f"error: {start_from}: weights this adapter lacks: {result.unexpected_keys[0]}")
     texts = domain_texts(domain, "train", max(steps * batch, 1))
     blocks = pack_blocks(tokenizer, texts, seq_len, steps * batch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,6 +182,9 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="adapt q/k/v/o as well as the MLP")
     parser.add_argument("--no-eval", action="store_true", help="skip the perplexity tables (saves minutes)")
     parser.add_argument("--out", type=Path, default=None, help="adapters go to OUT/<domain> (default: by --attention)")
+    parser.add_argument(
+        "--start-from", type=Path, help="warm start from the adapters in START_FROM/<domain> (e.g. examples/adapters)"
+    )
     args = parser.parse_args()
     out = args.out or (ATTENTION_ADAPTERS_DIR if args.attention else ADAPTERS_DIR)
 
@@ -189,7 +199,15 @@ def main() -> None:
     for domain in args.domains:
         t1 = time.perf_counter()
         model = train_adapter(
-            base_dir, tokenizer, domain, args.steps, args.batch, args.seq_len, args.lr, args.attention
+            base_dir,
+            tokenizer,
+            domain,
+            args.steps,
+            args.batch,
+            args.seq_len,
+            args.lr,
+            args.attention,
+            args.start_from / domain if args.start_from else None,
         )
         train_s = time.perf_counter() - t1
         out_dir = out / domain

@@ -363,7 +363,14 @@ def shared_expert_shapes(config: dict) -> dict[str, list[int]]:
     }
 
 
-def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool = False, **base_config) -> None:
+def make_tiny(
+    num_experts: int,
+    out: Path,
+    family: str = "llama",
+    shared: bool = False,
+    recipe_keys: dict | None = None,
+    **base_config,
+) -> None:
     """A tiny merged output with num_experts experts, using the real SmolLM2 tokenizer when the demo cache has it
     (llama.cpp's converter rejects the tests' character-level WordLevel tokenizer, which says nothing about MoE)."""
     import shutil
@@ -381,7 +388,7 @@ def make_tiny(num_experts: int, out: Path, family: str = "llama", shared: bool =
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(demo / name, base / name)
     experts = [make_expert(base, work / f"expert{i}", seed=i + 1) for i in range(num_experts)]
-    fields = {"shared_experts": [{"source_model": str(base)}]} if shared else {}
+    fields = ({"shared_experts": [{"source_model": str(base)}]} if shared else {}) | (recipe_keys or {})
     recipe = write_recipe(work / "recipe.yaml", base, experts, **fields)
     if out.exists():
         shutil.rmtree(out)
@@ -431,10 +438,18 @@ def main() -> int:
     parser.add_argument(
         "--strict-tokenizer", action="store_true", help="fail when transformers 4 cannot load the tokenizer"
     )
+    parser.add_argument(
+        "--recipe", default="{}", help="with --make-tiny: JSON recipe keys, e.g. '{\"moe_layers\": [1]}'"
+    )
     args = parser.parse_args()
     if args.make_tiny:
         make_tiny(
-            int(args.make_tiny[0]), Path(args.make_tiny[1]), args.family, args.shared, **json.loads(args.base_config)
+            int(args.make_tiny[0]),
+            Path(args.make_tiny[1]),
+            args.family,
+            args.shared,
+            json.loads(args.recipe),
+            **json.loads(args.base_config),
         )
         return 0
     if args.out is None or not (args.out / "config.json").exists():
