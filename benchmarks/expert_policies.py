@@ -42,8 +42,8 @@ from build_base import build_base  # noqa: E402
 from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
-from moemerge.lora import LoraAdapter  # noqa: E402
-from moemerge.routing import load_moe, route  # noqa: E402
+from moemerge.inputs.lora import LoraAdapter  # noqa: E402
+from moemerge.tools.routing import load_moe, route  # noqa: E402
 
 SETS = {"mlp": ROOT / "examples" / "adapters", "attn": ROOT / "examples" / "adapters_attn"}
 POLICIES = ("base", "average")
