@@ -112,21 +112,35 @@ def generation_speed(out: Path, rounds: int, max_tokens: int) -> dict:
     params = engines["token top-2"].params(temperature=0, max_tokens=max_tokens)
     questions = list(QUESTIONS.values())
     rates: dict[str, list[float]] = {mode: [] for mode in engines}
+    decode_rates: dict[str, list[float]] = {mode: [] for mode in engines}
     tokens: dict[str, list[int]] = {mode: [] for mode in engines}
     for number in range(rounds + 1):  # round 0 warms up and is not counted
         order = list(engines) if number % 2 else list(reversed(engines))
         for mode in order:
-            engine, generated, started = engines[mode], 0, time.perf_counter()
+            engine, generated, decoded, decoding, started = engines[mode], 0, 0, 0.0, time.perf_counter()
             for question in questions:
                 ids = engine.chat_ids([{"role": "user", "content": question}])
+                first = None  # when the first token arrived: prompt pass and decision are done
                 for event in engine.generate(ids, params):
-                    generated += 0 if isinstance(event, Delta) else event.completion_tokens
+                    first = first or time.perf_counter()
+                    if not isinstance(event, Delta):
+                        generated += event.completion_tokens
+                        decoded += event.completion_tokens - 1
+                decoding += time.perf_counter() - first
             if number:
                 rates[mode].append(generated / (time.perf_counter() - started))
+                decode_rates[mode].append(decoded / decoding)
                 tokens[mode].append(generated)
     ratios = [r / t for r, t in zip(rates["request top-1"], rates["token top-2"], strict=True)]
-    threads = torch.get_num_threads()
-    return {"tokens_per_second": rates, "completion_tokens": tokens, "ratio": ratios, "threads": threads}
+    decode_ratios = [r / t for r, t in zip(decode_rates["request top-1"], decode_rates["token top-2"], strict=True)]
+    return {
+        "tokens_per_second": rates,
+        "decode_tokens_per_second": decode_rates,
+        "completion_tokens": tokens,
+        "ratio": ratios,
+        "decode_ratio": decode_ratios,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _spread(values: list[float], digits: int = 2) -> str:
