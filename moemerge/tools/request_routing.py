@@ -109,19 +109,19 @@ def decide(router_logits: torch.Tensor, top_k: int, mixing: str = "router") -> D
     return Decision(tuple(indices.tolist()), tuple(weights), "router", mixing, time.perf_counter() - started)
 
 
-def _routers(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """Every MoE block's router: the `gate` beside the `experts` of Mixtral, Qwen2-MoE and Qwen3-MoE blocks."""
-    routers = [
-        module.gate
+def _moe_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """Every MoE block: the module holding a router `gate` beside its `experts` (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    blocks = [
+        module
         for module in model.modules()
         if hasattr(module, "experts") and isinstance(getattr(module, "gate", None), torch.nn.Module)
     ]
-    if not routers or any(isinstance(router, torch.nn.Linear) for router in routers):
+    if not blocks or any(isinstance(block.gate, torch.nn.Linear) for block in blocks):
         raise MoemergeError(
             f"request routing needs the router modules of transformers 5 (found none in {type(model).__name__}); "
             "upgrade transformers"
         )
-    return routers
+    return blocks
 
 
 class _Restriction:
@@ -162,29 +162,26 @@ def restricted(model: PreTrainedModel, decision: Decision | None) -> Iterator[No
     if decision is None:
         yield
         return
-    routers = _routers(model)
-    restriction = _Restriction(decision, routers[0].num_experts, routers[0].weight.device)
-    handles = [router.register_forward_hook(restriction.hook) for router in routers]
+    blocks = _moe_blocks(model)
+    router = blocks[0].gate
+    restriction = _Restriction(decision, router.num_experts, router.weight.device)
+    handles = [block.gate.register_forward_hook(restriction.hook) for block in blocks]
     same_for_every_token = len(decision.experts) == 1 or decision.mixing == "fixed"
-    stacks = [block.experts for block in model.modules() if _is_stacked_experts(getattr(block, "experts", None))]
-    if same_for_every_token:
-        for stack in stacks:
-            stack.forward = _chosen_experts_forward(stack, list(decision.experts))
+    stacks = [block.experts for block in blocks if same_for_every_token and _is_stacked_experts(block.experts)]
+    for stack in stacks:
+        stack.forward = _chosen_experts_forward(stack, list(decision.experts))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        if same_for_every_token:
-            for stack in stacks:
-                del stack.forward
+        for stack in stacks:
+            del stack.forward
 
 
-def _is_stacked_experts(module: Any) -> bool:
+def _is_stacked_experts(module: torch.nn.Module) -> bool:
     """transformers 5's experts module: every expert's MLP stacked in 3-D `gate_up_proj` and `down_proj`."""
-    return isinstance(module, torch.nn.Module) and all(
-        hasattr(module, name) for name in ("gate_up_proj", "down_proj", "act_fn")
-    )
+    return all(hasattr(module, name) for name in ("gate_up_proj", "down_proj", "act_fn"))
 
 
 def _chosen_experts_forward(stack: torch.nn.Module, chosen: list[int]):

@@ -108,15 +108,21 @@ def _computing_gates(process: subprocess.Popen, recipe: Path, out: Path):
     return condition
 
 
-@pytest.mark.parametrize("moment", ["gates", "shard 5"])
-def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
-    """Killed while computing hidden states (before any output) or while writing shard 5 of 68."""
-    out = tmp_path / "out"
+def _started_and_stopped_at(recipe: Path, out: Path, moment: str) -> subprocess.Popen:
+    """A merge started and SIGSTOPped at `moment`: "gates" (computing hidden states) or "shard N" (writing it)."""
     process = _start(recipe, out)
     if moment == "gates":
         _stop_when(process, _computing_gates(process, recipe, out))
     else:
         _stop_when(process, _writing_shard(out, int(moment.split()[1])))
+    return process
+
+
+@pytest.mark.parametrize("moment", ["gates", "shard 5"])
+def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
+    """Killed while computing hidden states (before any output) or while writing shard 5 of 68."""
+    out = tmp_path / "out"
+    process = _started_and_stopped_at(recipe, out, moment)
     process.kill()
     process.communicate()
     assert process.returncode == -signal.SIGKILL
@@ -133,11 +139,7 @@ def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
 @pytest.mark.parametrize("moment", ["gates", "shard 5"])
 def test_sigint_cleans_up(recipe, tmp_path, moment):
     out = tmp_path / "out"
-    process = _start(recipe, out)
-    if moment == "gates":
-        _stop_when(process, _computing_gates(process, recipe, out))
-    else:
-        _stop_when(process, _writing_shard(out, int(moment.split()[1])))
+    process = _started_and_stopped_at(recipe, out, moment)
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=120)
