@@ -98,7 +98,9 @@ def merge_command(
     allow_vocab_mismatch: Annotated[
         bool, typer.Option(help="Build with the base's vocabulary when experts have added tokens (warns).")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass for hidden gates.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option(help="Most prompts per forward pass for hidden gates (4096 padded tokens at most).")
+    ] = 256,
     push_to_hub: Annotated[str | None, typer.Option(help="Then upload OUT to this Hub repo (org/name).")] = None,
     private: Annotated[bool, typer.Option(help="Create the Hub repo private (with --push-to-hub).")] = False,
     revision: Annotated[str | None, typer.Option(help="Push to this branch (with --push-to-hub).")] = None,

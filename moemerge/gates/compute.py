@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,9 +12,9 @@ from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
-from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, token_counts
 from moemerge.gates.rows import router_rows, warn_parallel
-from moemerge.gates.trained import TrainingReport, token_budget, train_gates
+from moemerge.gates.trained import TrainingReport, prompts_within_budget, token_budget, train_gates
 from moemerge.hf import load_tokenizer
 from moemerge.inputs.prompts import ExpertPrompts
 from moemerge.inputs.recipe import Recipe
@@ -79,8 +79,16 @@ def _cheap_embed(ctx: GateContext, tokenizer, prompts: ExpertPrompts) -> tuple[t
 def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts) -> GateResult:
     """Fit the chosen layers; the others keep hidden-state gates from the same prompts."""
     spec = recipe.training
-    texts = [text for text, _ in prompts.labelled]
-    labels = [label for _, label in prompts.labelled]
+    budget = token_budget(ctx.hidden_size)
+    counts = token_counts(tokenizer, [text for text, _ in prompts.labelled], spec.max_tokens)
+    chosen = prompts_within_budget(counts, [label for _, label in prompts.labelled], budget, spec.seed)
+    texts = [prompts.labelled[i][0] for i in chosen]
+    labels = [prompts.labelled[i][1] for i in chosen]
+    if len(chosen) < len(prompts.labelled):
+        log.info(
+            f"training: {len(chosen)} of {len(prompts.labelled)} labelled prompts fill the {budget}-token budget "
+            "per layer; only those run through the base"
+        )
     layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
     bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
     if bad:
@@ -88,9 +96,9 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
     options = _capture_options(ctx, spec.batch_size)
     inputs = RouterInputs(ctx.base, tokenizer, texts, options, spec.max_tokens)
     advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts) * (max(layers) + 1))
-    trained, report = train_gates(
-        inputs, labels, len(recipe.experts), spec, layers, token_budget(ctx.hidden_size), advance
-    )
+    trained, report = train_gates(inputs, labels, len(recipe.experts), spec, layers, budget, advance)
+    if len(chosen) < len(prompts.labelled):
+        report = replace(report, labelled_prompts=len(prompts.labelled))
     rows = torch.zeros(ctx.num_layers, len(recipe.experts), ctx.hidden_size)
     rows[layers] = trained
     untrained = [layer for layer in range(ctx.num_layers) if layer not in layers]

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+# Padded tokens per forward pass. Large batches amortise the per-operation cost that dominates small ones on
+# CPU (about 2x faster capture at 256 short prompts per batch than at 16 on the 1b base), and this cap keeps
+# long prompts from making a batch's activations large whatever batch_size allows.
+BATCH_TOKENS = 4096
+
+
 def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Batching needs a pad token; set one on this in-memory copy only, never on what we save."""
     if tokenizer.pad_token is None:
@@ -42,7 +48,7 @@ class CaptureOptions:
 
     device: torch.device
     dtype: torch.dtype
-    batch_size: int = 16
+    batch_size: int = 256
     activation_budget: int = DEFAULT_BUDGET
 
 
@@ -56,16 +62,44 @@ class PromptBatch:
     real: torch.Tensor
 
 
+def _special_masks(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_tokens: int | None) -> list:
+    """Each prompt's special-tokens mask after truncation to `max_tokens` (its length is the prompt's)."""
+    encoded = tokenizer(
+        list(prompts), truncation=max_tokens is not None, max_length=max_tokens, return_special_tokens_mask=True
+    )
+    return encoded["special_tokens_mask"]
+
+
+def token_counts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_tokens: int | None) -> list[int]:
+    """Each prompt's real tokens after truncation to `max_tokens`: those that are not special, or all of them
+    when every one is (the rule of `prompt_batches`)."""
+    return [len(mask) - sum(mask) or len(mask) for mask in _special_masks(tokenizer, prompts, max_tokens)]
+
+
+def _length_groups(lengths: list[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Prompt indices sorted by length, cut into batches of at most `batch_size` prompts whose padded size
+    (prompts × longest) stays within `batch_tokens`; a longer prompt goes alone."""
+    groups: list[list[int]] = [[]]
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        group = groups[-1]
+        if group and (len(group) >= batch_size or (len(group) + 1) * lengths[i] > batch_tokens):
+            groups.append(group := [])
+        group.append(i)
+    return groups if groups[0] else []
+
+
 def prompt_batches(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int, max_tokens: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_tokens: int | None,
+    batch_tokens: int = BATCH_TOKENS,
 ) -> list[PromptBatch]:
     """Prompts sorted by length, batched and padded; real tokens are neither padding nor added special tokens
     (a prompt with no other token keeps its special ones, so that it still counts)."""
-    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    lengths = [len(mask) for mask in _special_masks(tokenizer, prompts, max_tokens)]
     batches = []
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in _length_groups(lengths, batch_size, batch_tokens):
         batch = tokenizer(
             [prompts[i] for i in chosen],
             return_tensors="pt",

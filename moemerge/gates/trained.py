@@ -7,10 +7,11 @@ the layer's mean router-input norm while fitting so one learning rate suits ever
 weights are divided by the same norm afterwards. A held-out share of prompts (stratified per expert) is
 kept out of fitting and reported.
 
-Memory does not grow with the labelled set: each layer is fitted while the base is streamed through it, on
-at most FEATURE_BUDGET bytes of float32 router inputs (tokens sampled across the whole set, stratified per
-expert). That is every token of a few thousand typical prompts, and far more distinct tokens than the
-fitting draws batches from.
+Neither memory nor time grows with the labelled set: each layer is fitted while the base is streamed through
+it, on at most FEATURE_BUDGET bytes of float32 router inputs. That is every token of a few thousand typical
+prompts, and far more distinct tokens than the fitting draws batches from. A larger set is sampled by prompt
+(stratified per expert) before anything runs through the base, so a 100,000-prompt CSV costs the forward work
+of the few thousand that fill the budget, not of all of them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class TrainingReport:
     holdout_tokens: int
     seconds: float
     accuracy_on: str = "held-out"
+    labelled_prompts: int | None = None  # prompts in the labelled set, when more than fit the token budget
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +117,28 @@ def sample_tokens(candidates: torch.Tensor, labels: torch.Tensor, limit: int, se
         share = max(1, len(members) * limit // total)
         chosen[members[torch.randperm(len(members), generator=generator)[:share]]] = True
     return chosen
+
+
+def prompts_within_budget(token_counts: list[int], labels: list[int], limit: int, seed: int) -> list[int]:
+    """Prompts whose real tokens total at most about `limit`: all of them when they fit; else each expert's
+    share of `limit` (its share of the set's tokens) filled with its prompts in random order, keeping at least
+    two per expert so one can be held out. Sorted indices."""
+    total = sum(token_counts)
+    if total <= limit:
+        return list(range(len(token_counts)))
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for expert in sorted(set(labels)):
+        members = [i for i, label in enumerate(labels) if label == expert]
+        share = limit * sum(token_counts[i] for i in members) // total
+        used = 0
+        for rank, j in enumerate(torch.randperm(len(members), generator=generator).tolist()):
+            count = token_counts[members[j]]
+            if rank >= 2 and used + count > share:
+                break
+            chosen.append(members[j])
+            used += count
+    return sorted(chosen)
 
 
 def _mean_over_layers(per_layer: list[list[float | None]]) -> list[float | None]:

@@ -81,7 +81,7 @@ class TrainingSpec(BaseModel):
     steps: int = Field(default=300, ge=1, le=1_000_000)
     lr: float = Field(default=0.01, gt=0, le=10)
     weight_decay: float = Field(default=0.01, ge=0, le=10)
-    batch_size: int = Field(default=16, ge=1)  # prompts per forward pass while capturing router inputs
+    batch_size: int = Field(default=256, ge=1)  # most prompts per forward pass (router_inputs.BATCH_TOKENS caps tokens)
     max_tokens: int = Field(default=256, ge=4)
     holdout: float = Field(default=0.2, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)

@@ -99,6 +99,8 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
         mean = sum(layer_accuracy) / len(layer_accuracy) if layer_accuracy else None
         held_out = training.get("accuracy_on", "held-out") == "held-out"
         trained_on = f"{training.get('train_prompts', '?')} prompts ({training.get('train_tokens', '?')} tokens)"
+        if sampled_from := training.get("labelled_prompts"):
+            trained_on += f" of a sample drawn from {sampled_from} labelled prompts to fit the token budget"
         if held_out:
             tested = (
                 f" and tested on {training.get('holdout_prompts', '?')} held-out prompts "

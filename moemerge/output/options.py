@@ -22,5 +22,5 @@ class MergeOptions:
     force: bool = False
     allow_pickle: bool = False
     allow_vocab_mismatch: bool = False  # build with the base's vocabulary when experts added tokens
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1)] = 256
     hub_repo_id: str | None = None  # the Hub repo the output is meant for: named in the model card (cli pushes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moemerge import MergeOptions, merge
 from moemerge.gates import trained
 from moemerge.gates.hidden import SHRINKAGE
-from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
-from moemerge.gates.trained import fit_gates, sample_tokens
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
+from moemerge.gates.trained import fit_gates, prompts_within_budget, sample_tokens
 from moemerge.inputs.recipe import TrainingSpec
 from moemerge.inputs.sources import ModelSource
 
@@ -104,6 +105,22 @@ def test_streamed_router_inputs_equal_the_whole_model(base):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
+def test_batches_keep_within_the_padded_token_cap(base):
+    """Every prompt lands in exactly one batch, and a batch holds at most batch_size prompts and, unless it is a
+    single prompt, at most batch_tokens padded tokens."""
+    prompts = ["a" * n for n in (1, 2, 3, 5, 8, 13, 21, 34, 3, 2, 1, 40)]
+    batches = prompt_batches(tokenizer_of(base), prompts, batch_size=4, max_tokens=None, batch_tokens=30)
+    assert sorted(i for b in batches for i in b.prompts) == list(range(len(prompts)))
+    assert all(len(b.prompts) <= 4 for b in batches)
+    assert all(b.input_ids.numel() <= 30 or len(b.prompts) == 1 for b in batches)
+    for batch, after in itertools.pairwise(batches):  # greedy: the next prompt would have broken a limit
+        longest = after.attention_mask[0].sum().item()  # shortest of the next batch, longer than all in this one
+        assert batch.attention_mask.sum(dim=1).max() <= longest
+        assert len(batch.prompts) == 4 or (len(batch.prompts) + 1) * longest > 30
+    widest = prompt_batches(tokenizer_of(base), prompts, batch_size=100, max_tokens=None, batch_tokens=10_000)
+    assert len(widest) == 1
+
+
 def test_activations_on_disk_give_the_same_router_inputs(base):
     """A zero activation budget sends the hidden states between layers through a temporary file."""
     in_memory, owners = streamed(base, PROMPTS, batch_size=2)
@@ -174,6 +191,19 @@ def test_token_budget_keeps_each_experts_share():
     assert not torch.equal(chosen, sample_tokens(candidates, labels, 90, seed=1))
 
 
+def test_prompts_within_budget_fill_each_experts_share():
+    counts = [10, 20, 30, 40] * 25 + [5] * 50  # expert 0: the first 100 prompts, 2500 tokens; expert 1: 250
+    labels = [0] * 100 + [1] * 50
+    assert prompts_within_budget(counts, labels, 2750, seed=0) == list(range(150))
+    chosen = prompts_within_budget(counts, labels, 550, seed=0)
+    by_expert = [[i for i in chosen if labels[i] == e] for e in range(2)]
+    used = [sum(counts[i] for i in group) for group in by_expert]
+    assert 500 - 40 < used[0] <= 500 and 50 - 5 < used[1] <= 50  # shares 550 * 2500 / 2750 and 550 * 250 / 2750
+    assert chosen == sorted(set(chosen)) and prompts_within_budget(counts, labels, 550, seed=1) != chosen
+    few = prompts_within_budget(counts, labels, 11, seed=0)  # shares of 10 and 1 tokens: two prompts each still
+    assert [sum(labels[i] == e for i in few) for e in range(2)] == [2, 2]
+
+
 def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
     """With room for a fifth of the labelled tokens, the gates are fitted on that sample and still route
     held-out prompts home."""
@@ -200,4 +230,6 @@ def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
     assert report["train_tokens"] + report["holdout_tokens"] <= tokens // 5
     assert report["train_tokens"] >= tokens // 5 * 0.75
+    assert report["labelled_prompts"] == 90 and report["train_prompts"] + report["holdout_prompts"] < 30
+    assert "of a sample drawn from 90 labelled prompts" in (tmp_path / "out" / "README.md").read_text()
     assert min(report["layer_accuracy"]) >= 0.9, report
