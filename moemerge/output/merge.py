@@ -1,17 +1,19 @@
-"""The main job: recipe → checked inputs → checked plan → gates → streamed shards in a partial folder →
-records → renamed into place. Each step lives in its own module; this one only runs them in order."""
+"""The main job: recipe → checked inputs → checked plan → gates, computed while the streamed shards are
+written in a partial folder → records → renamed into place. Each step lives in its own module; this one
+only runs them in order."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
+from moemerge.gates.background import gates_in_background
 from moemerge.gates.compute import GateContext, compute_gates
 from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
@@ -106,15 +108,16 @@ def merge(
     context = GateContext(
         base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
     )
-    gates = compute_gates(recipe, prompts, context)
-    plan = _plan(inputs, recipe, layout, gates.rows, dtype)
-
-    total = sum(t.numel for t in plan)
-    per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
-    active = total - per_expert * (len(experts) - recipe.experts_per_token)
-    with staged_output(out, options.force) as partial:
+    with (
+        gates_in_background(
+            lambda shown: compute_gates(recipe, prompts, replace(context, progress=shown)), progress
+        ) as pending,
+        staged_output(out, options.force) as partial,
+    ):
+        plan = _plan(inputs, recipe, layout, lambda: pending.result().rows, dtype)
         advance = progress.task("writing shards", sum(t.nbytes for t in plan))
         index, digests = write_shards(plan, partial, options.shard_size, advance)
+        gates = pending.result()
         write_json(partial / CONFIG, config)
         copy_side_files(base.path, partial)
         if recipe.training.tune_on_moe:
@@ -122,6 +125,9 @@ def merge(
             tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= tuned.shard_sha256
+        total = sum(t.numel for t in plan)
+        per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
+        active = total - per_expert * (len(experts) - recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
             recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active

@@ -56,14 +56,14 @@ def _shared_expert(
     return planned
 
 
-def _router(gates: torch.Tensor | None, layer: int) -> Callable[[], torch.Tensor]:
+def _router(gates: Callable[[], torch.Tensor] | None, layer: int) -> Callable[[], torch.Tensor]:
     if gates is None:
 
         def unknown() -> torch.Tensor:
             raise RuntimeError("a plan built without gates holds names and shapes only; it cannot be written")
 
         return unknown
-    return lambda: gates[layer]
+    return lambda: gates()[layer]
 
 
 def build_plan(
@@ -73,18 +73,21 @@ def build_plan(
     experts: list[Expert],
     shared: Expert | None,
     dtype: torch.dtype,
-    gates: torch.Tensor | None,
+    gates: Callable[[], torch.Tensor] | None,
     non_expert_weights: str = "base",
     dense_layers: frozenset[int] = frozenset(),
 ) -> list[PlannedTensor]:
-    """Layer by layer, so a reader of one shard finds a whole layer together.
+    """Layer by layer, so a reader of one shard finds a whole layer together; except the routers, which come
+    last, together: they are the only tensors that wait for the gate pass, which runs while the rest is
+    written (moemerge.gates.background).
 
     Shared weights follow the `non_expert_weights` policy (moemerge.output.non_expert). A layer of `dense_layers`
     keeps one MLP, the shared weight `mlp.*_proj` by the same policy: as a dense MLP where the format holds
     one, else in every expert slot, behind an all-zero router (every top-k mix of one MLP is that MLP).
     A tied base has no lm_head.weight; the MoE gets an explicit one (see dense_config).
-    `gates` [layers, experts, hidden] are the routers' rows; without them the plan holds names, shapes and
-    sources only (it is checked before the gate pass, which is the slow part), and cannot be written.
+    `gates` gives the routers' rows [layers, experts, hidden] when they are ready (it may wait for them);
+    without it the plan holds names, shapes and sources only (checked before the gate pass starts), and
+    cannot be written.
     """
 
     def shared_weight(name: str, out_name: str | None = None) -> PlannedTensor:
@@ -95,6 +98,7 @@ def build_plan(
     for name in copied:
         by_layer.setdefault(_layer_of(name), []).append(name)
     plan = [shared_weight(name) for name in by_layer.get(-1, []) if name == EMBEDDINGS]
+    routers: list[PlannedTensor] = []
     for layer in range(shape.num_layers):
         plan += [shared_weight(name) for name in by_layer.get(layer, [])]
         for projection in output.zero_biases(shape.family):
@@ -109,7 +113,7 @@ def build_plan(
         if dense:
             plan.append(_filled(output.gate_name(layer), gate_shape, dtype, 0.0, "router of a dense layer"))
         else:
-            plan.append(PlannedTensor(output.gate_name(layer), gate_shape, dtype, _router(gates, layer), "gates"))
+            routers.append(PlannedTensor(output.gate_name(layer), gate_shape, dtype, _router(gates, layer), "gates"))
         for expert in experts:
             for projection in MLP_PROJECTIONS:
                 out = output.expert_name(layer, expert.index, projection)
@@ -122,7 +126,7 @@ def build_plan(
     plan += [shared_weight(name) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
     if LM_HEAD not in copied:
         plan.append(shared_weight(LM_HEAD))
-    return plan
+    return plan + routers
 
 
 def check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:

@@ -12,7 +12,7 @@ import json
 import mmap
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -150,16 +150,32 @@ def _checked(tensor: PlannedTensor, digest: Hash) -> torch.Tensor | TensorInfo:
     return value
 
 
+def _result(future: Future[torch.Tensor | TensorInfo]) -> torch.Tensor | TensorInfo:
+    """The future's result, waited for in short slices: a Ctrl-C that the kernel delivers to another thread
+    (the gate pass's, torch's) does not interrupt a blocking wait, and Python only raises it in the main thread
+    once that thread runs again."""
+    while True:
+        try:
+            return future.result(timeout=0.05)
+        except TimeoutError:
+            continue
+
+
 def _prefetched(jobs: list[tuple[PlannedTensor, Hash]]) -> Iterator[torch.Tensor | TensorInfo]:
     """Tensors in order, each made (or checked) and hashed on a helper thread while the previous one is
     written: reading, converting, checking and hashing overlap with writing (all release the GIL), at most
     two tensors are in memory, and one thread hashes every tensor in write order."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
         pending = pool.submit(_checked, *jobs[0]) if jobs else None
         for following in [*jobs[1:], None]:
-            value = pending.result()
+            value = _result(pending)
             pending = pool.submit(_checked, *following) if following is not None else None
             yield value
+    finally:
+        # A failed or interrupted write does not wait for the tensor in hand: a router may be waiting for a
+        # gate pass that only stops once the merge does (moemerge.gates.background).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _bytes(value: torch.Tensor) -> memoryview:

@@ -163,6 +163,8 @@ def test_the_plan_holds_the_published_layout(tmp_path, output, family, shared, d
     assert {t.name: t.shape for t in plan} == published(output, config, 3, dense)
     assert len(plan) == len({t.name for t in plan}), "a tensor is planned twice"
     assert all(t.dtype == torch.float32 for t in plan)
+    waiting = [t for t in plan if t.source == "gates"]  # the routers, made from the gate pass's rows
+    assert len(waiting) == LAYERS - len(dense) and plan[len(plan) - len(waiting) :] == waiting, "routers come last"
 
 
 def test_a_plan_without_gates_cannot_be_written(tmp_path):
@@ -173,6 +175,6 @@ def test_a_plan_without_gates_cannot_be_written(tmp_path):
     with pytest.raises(RuntimeError, match="names and shapes only"):
         router.produce()
     rows = torch.arange(LAYERS * 2 * HIDDEN, dtype=torch.float32).reshape(LAYERS, 2, HIDDEN)
-    plan = build_plan(FORMATS["mixtral"], base, dense_shape(base), experts, None, torch.float32, rows)
+    plan = build_plan(FORMATS["mixtral"], base, dense_shape(base), experts, None, torch.float32, lambda: rows)
     router = next(t for t in plan if t.name == "model.layers.2.block_sparse_moe.gate.weight")
     assert torch.equal(router.produce(), rows[2])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from support.paths import CLI
 from support.tiny_models import make_base, make_expert, write_recipe
 
@@ -95,15 +96,16 @@ def _writing_shard(out: Path, number: int, replacing: bool = False):
 
 def _computing_gates(process: subprocess.Popen, recipe: Path, out: Path):
     """True once the gate pass has begun (the base's tokenizer is loaded: the tokenizers library's native code is
-    mapped, which a merge imports for the gates only) and no output folder exists yet. The base's weights are
-    streamed a layer at a time through short reads, so they are not a state that lasts long enough to catch."""
+    mapped, which a merge imports for the gates only) while the shards are written into the partial folder
+    and OUT does not exist yet. The base's weights are streamed a layer at a time through short reads, so
+    they are not a state that lasts long enough to catch."""
 
     def condition() -> bool:
         try:
             maps = Path(f"/proc/{process.pid}/maps").read_text()
         except OSError:
             return False
-        return "/tokenizers/" in maps and not _partials(out) and not out.exists()
+        return "/tokenizers/" in maps and len(_partials(out)) == 1 and not out.exists()
 
     return condition
 
@@ -120,7 +122,8 @@ def _started_and_stopped_at(recipe: Path, out: Path, moment: str) -> subprocess.
 
 @pytest.mark.parametrize("moment", ["gates", "shard 5"])
 def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
-    """Killed while computing hidden states (before any output) or while writing shard 5 of 68."""
+    """Killed while computing hidden states (the first shards being written meanwhile) or while writing shard 5
+    of 68."""
     out = tmp_path / "out"
     process = _started_and_stopped_at(recipe, out, moment)
     process.kill()
@@ -128,7 +131,7 @@ def test_sigkill_leaves_no_half_output(recipe, tmp_path, moment):
     assert process.returncode == -signal.SIGKILL
     assert not out.exists()
     leftovers = _partials(out)
-    assert len(leftovers) == (moment != "gates"), leftovers  # a SIGKILL cannot clean up after itself
+    assert len(leftovers) == 1, leftovers  # a SIGKILL cannot clean up after itself
 
     rerun = subprocess.run([CLI, str(recipe), str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
@@ -147,6 +150,49 @@ def test_sigint_cleans_up(recipe, tmp_path, moment):
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists()
     assert not _partials(out)
+
+
+def _waiting_for_the_routers(out: Path):
+    """True once every tensor but the routers (written last, from the gate pass) is in the partial folder."""
+
+    def condition() -> bool:
+        partials = _partials(out)
+        present, total = _shard_numbers(partials[0]) if len(partials) == 1 else ([], 0)
+        if not total or total not in present:
+            return False
+        last = partials[0] / f"model-{total:05d}-of-{total:05d}.safetensors"
+        with last.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            raw = handle.read(length)
+        if not length or len(raw) < length:
+            return False  # the header is still being written
+        header = json.loads(raw)
+        routers = [v["data_offsets"][0] for k, v in header.items() if k.endswith("block_sparse_moe.gate.weight")]
+        return bool(routers) and last.stat().st_size == 8 + length + min(routers)
+
+    return condition
+
+
+def test_sigint_while_the_routers_wait_for_the_gates(recipe, tmp_path):
+    """Everything but the routers is written and the gate pass (1,200 long prompts, one per batch) has a
+    long way to go: Ctrl-C ends the merge then, not when the pass is done."""
+    spec = yaml.safe_load(recipe.read_text())
+    for e, expert in enumerate(spec["experts"]):
+        expert["positive_prompts"] = [f"{'abc'[e] * 8} {n} " * 60 for n in range(400)]
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    process = _start(slow, out, "--batch-size", "1")
+    _stop_when(process, _waiting_for_the_routers(out))
+    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGCONT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("after Ctrl-C the merge still waits for the gate pass") from None
+    assert process.returncode == 130, stderr
+    assert not out.exists() and not _partials(out)
 
 
 def test_sigkill_with_existing_output_keeps_it(recipe, tmp_path):

@@ -1,0 +1,150 @@
+"""The gate pass runs beside the writing: its result or error reaches the writer, and a merge that stops
+while it runs takes it down at its next batch instead of leaving it computing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import yaml
+from support.tiny_models import make_base
+
+from moemerge import MergeOptions, merge
+from moemerge.errors import MoemergeError
+from moemerge.gates.background import GatePassCancelled, gates_in_background
+from moemerge.gates.compute import GateResult
+from moemerge.progress import Silent
+
+
+def _gate_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "moemerge-gates"]
+
+
+def _until_no_gate_thread(seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while _gate_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _gate_threads(), "the gate pass is still running after the merge stopped"
+
+
+def test_the_result_and_the_error_reach_the_waiting_writer():
+    rows = object()
+    with gates_in_background(lambda progress: GateResult(rows), Silent()) as pending:
+        assert pending.result(timeout=10).rows is rows
+
+    def fails(progress):
+        raise MoemergeError("training.layers: layer 9 does not exist")
+
+    with gates_in_background(fails, Silent()) as pending, pytest.raises(MoemergeError, match="layer 9"):
+        pending.result(timeout=10)
+
+
+def test_leaving_the_block_cancels_the_pass_at_its_next_batch():
+    batches = []
+
+    def endless(progress):
+        advance = progress.task("hidden states", 10**9)
+        while True:
+            time.sleep(0.001)
+            advance(1)
+            batches.append(1)
+
+    with pytest.raises(KeyError), gates_in_background(endless, Silent()) as pending:
+        while not batches:
+            time.sleep(0.001)
+        raise KeyError("the writer failed")
+    assert isinstance(pending.exception(timeout=10), GatePassCancelled)
+    _until_no_gate_thread()
+
+
+class _Counting:
+    """A progress that remembers each step's units done and total."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, list[int]] = {}
+
+    def task(self, description: str, total: int):
+        self.steps[description] = step = [0, total]
+
+        def advance(units: int) -> None:
+            step[0] += units
+
+        return advance
+
+
+def test_a_merge_that_fails_while_writing_stops_its_gate_pass(tmp_path, monkeypatch):
+    """Many prompts in batches of one keep the hidden-state pass busy; the write fails at once."""
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    prompts = [f"prompt {i} " + "ab" * (i % 7) for i in range(400)]
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "hidden",
+        "experts": [{"source_model": str(base), "positive_prompts": prompts[e::2]} for e in range(2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    started = threading.Event()
+
+    def failing_write(plan, folder, shard_size, on_tensor=None):
+        while not _gate_threads():
+            time.sleep(0.001)
+        started.set()
+        raise MoemergeError("could not write model-00001-of-00001.safetensors: disk full")
+
+    monkeypatch.setattr("moemerge.output.merge.write_shards", failing_write)
+    progress = _Counting()
+    with pytest.raises(MoemergeError, match="disk full"):
+        merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu", batch_size=1), progress)
+    assert started.is_set()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    _until_no_gate_thread()
+    done, total = progress.steps["hidden states on cpu"]
+    assert done < total / 4, f"the pass went on after the merge failed: {done} of {total} prompt-layers"
+
+
+def test_a_merge_stopped_while_its_routers_wait_for_the_gates_ends_at_once(tmp_path, monkeypatch):
+    """The writer reaches the routers (written last) while the gate pass runs on; the merge stops right then
+    (here: its progress display fails). It must end with that error, not wait for the pass to finish."""
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "hidden",
+        "dtype": "float32",
+        "experts": [{"source_model": str(base), "positive_prompts": [f"p{e}"]} for e in range(2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    router_bytes = 2 * 2 * 32 * 4  # layers × experts × hidden × float32
+
+    def endless_gate_pass(recipe, prompts, context):
+        advance = context.progress.task("hidden states", 10**9)
+        while True:
+            time.sleep(0.001)
+            advance(1)
+
+    class StopsAtTheRouters:
+        def task(self, description: str, total: int):
+            written = [0]
+
+            def advance(units: int) -> None:
+                written[0] += units
+                if description == "writing shards" and written[0] == total - router_bytes:
+                    raise MoemergeError("the progress display failed")
+
+            return advance
+
+    monkeypatch.setattr("moemerge.output.merge.compute_gates", endless_gate_pass)
+    errors = []
+
+    def run() -> None:
+        try:
+            merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu"), StopsAtTheRouters())
+        except MoemergeError as exc:
+            errors.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the merge waits for a gate pass that only stops once the merge does"
+    assert [str(e) for e in errors] == ["the progress display failed"]
+    _until_no_gate_thread()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
