@@ -1,9 +1,13 @@
-"""The `moemerge` command: `moemerge RECIPE OUT` merges; other verbs come as subcommands."""
+"""The `moemerge` command: `moemerge RECIPE OUT` merges; other verbs come as subcommands.
+
+Library errors name settings by their Python names; this module words them for the command line (flags, and
+a failed push's resume as a command)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +26,14 @@ except ImportError:  # pragma: no cover
     from click import ClickException
 
 from moemerge.device import resolve_device
-from moemerge.errors import MoemergeError
-from moemerge.hub.push import check_push_target, push
+from moemerge.errors import MoemergeError, OptionError
+from moemerge.hub.push import PushFailed, check_push_target, push
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
 from moemerge.output.merge import MergeSummary, merge
 from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
-from moemerge.tools.request_routing import RequestRouting, checked_for_cli, decide
+from moemerge.tools.request_routing import RequestRouting, decide
 from moemerge.tools.routing import EXPERT_COLORS, Routing, load_moe, route
 from moemerge.tools.verify import verify
 
@@ -46,6 +50,37 @@ ROUTING_HELP = (
     "routers' mean probabilities over its text, then only those experts run."
 )
 MIXING_HELP = "With --request-top-k above 1: router (its own pick among the chosen) or fixed (the decision's weights)."
+# The flags of the library's options where a flag is not --option-name (the routing settings' fields).
+FLAGS = {
+    "routing.mode": "--routing",
+    "routing.top_k": "--request-top-k",
+    "routing.mixing": "--request-mixing",
+    "routing.experts": "--expert",
+}
+
+
+def flag(option: str) -> str:
+    """The command line's name for a library option: allow_pickle -> --allow-pickle."""
+    return FLAGS.get(option) or "--" + option.replace("_", "-")
+
+
+def error_line(exc: MoemergeError) -> str:
+    """A library error in the command line's words: options as flags, a failed push's resume as a command."""
+    if isinstance(exc, OptionError):
+        return exc.spelled(flag)
+    if isinstance(exc, PushFailed):
+        return exc.with_resume(_resume_command(exc))
+    return str(exc)
+
+
+def _resume_command(failed: PushFailed) -> str:
+    """The same push again; a pull request's on its branch (a second --create-pr would open a second one)."""
+    command = f"moemerge push {shlex.quote(str(failed.out))} {failed.repo_id}" + (
+        " --private" if failed.private else ""
+    )
+    if failed.create_pr:
+        return f"{command} --revision refs/pr/N (N: the pull request named above; --create-pr opens a new one)"
+    return command + (f" --revision {shlex.quote(failed.revision)}" if failed.revision else "")
 
 
 class RichBars:
@@ -65,8 +100,7 @@ def options_from(**values: object) -> MergeOptions:
         return MergeOptions(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
         error = exc.errors()[0]
-        option = "--" + str(error["loc"][0]).replace("_", "-")
-        raise MoemergeError(f"{option} {error['input']}: {error['msg'].lower()}") from None
+        raise MoemergeError(f"{flag(str(error['loc'][0]))} {error['input']}: {error['msg'].lower()}") from None
 
 
 def _print_summary(summary: MergeSummary) -> None:
@@ -173,7 +207,7 @@ def route_command(
     if not texts:
         raise MoemergeError("give prompts to route, or --file prompts.txt")
     model, tokenizer, names = load_moe(out, resolve_device(device))
-    checked_for_cli(RequestRouting("request", request_top_k), names)
+    RequestRouting("request", request_top_k).checked(names)
     results = [(text, route(model, tokenizer, text)) for text in texts]
     decisions = [decide(r.logits, request_top_k).report(names)["chosen"] for _, r in results]
     if json_output:
@@ -229,7 +263,7 @@ def eval_command(
     if decide_tokens < 1:
         raise MoemergeError(f"--decide-tokens {decide_tokens}: must be at least 1")
     model, tokenizer, names = load_moe(out, resolve_device(device))
-    checked_for_cli(RequestRouting("request", request_top_k, request_mixing), names)
+    RequestRouting("request", request_top_k, request_mixing).checked(names)
     if not dataset.is_file():
         raise MoemergeError(f"{dataset}: not found")
     labelled = read_dataset_csv(dataset, names)
@@ -372,7 +406,7 @@ def _run(argv: list[str]) -> int | None:
     except MoemergeError as exc:
         if DEBUG["on"]:
             raise
-        return _fail(f"[red]error:[/red] {exc}", 1)
+        return _fail(f"[red]error:[/red] {error_line(exc)}", 1)
     except OSError as exc:  # disk full, permissions, a vanished mount: the OS's words, on one line
         if DEBUG["on"]:
             raise

@@ -1,6 +1,7 @@
 """The package's import graph flows one way: no moemerge module imports, directly or through others, a
-module that imports it back. Imports are read from the source with ast (also those inside functions and
-under TYPE_CHECKING), so a cycle hidden behind a late import counts too."""
+module that imports it back, and no package folder (inputs, gates, formats, output, tools, hub) imports one
+that imports it back. Imports are read from the source with ast (also those inside functions and under
+TYPE_CHECKING), so a cycle hidden behind a late import counts too."""
 
 from __future__ import annotations
 
@@ -33,6 +34,19 @@ def import_graph(package: Path) -> dict[str, set[str]]:
     return {name: imports(path, set(files)) - {name} for name, path in files.items()}
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph with each package folder's modules merged into one node (`moemerge.inputs.recipe` ->
+    `moemerge.inputs`); a top-level module such as `moemerge.errors` is a node of its own."""
+
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    merged: dict[str, set[str]] = {package(name): set() for name in graph}
+    for name, targets in graph.items():
+        merged[package(name)] |= {package(target) for target in targets} - {package(name)}
+    return merged
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One cycle as a path a -> ... -> a, or None (depth-first search with colours)."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -62,6 +76,12 @@ def test_no_import_cycle_among_moemerge_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+def test_no_import_cycle_among_moemerge_packages():
+    graph = package_graph(import_graph(PACKAGE))
+    assert {"moemerge.inputs", "moemerge.gates", "moemerge.formats", "moemerge.output"} <= set(graph)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
 def test_the_search_finds_a_cycle_through_a_late_import(tmp_path):
     package = tmp_path / "moemerge"
     (package / "inputs").mkdir(parents=True)
@@ -72,3 +92,27 @@ def test_the_search_finds_a_cycle_through_a_late_import(tmp_path):
     graph = import_graph(package)
     assert graph["moemerge.hub"] == {"moemerge.inputs", "moemerge.inputs.sources"}
     assert find_cycle(graph) == ["moemerge.hub", "moemerge.inputs.sources", "moemerge.hub"]
+
+
+def test_packages_merge_into_one_node_and_their_cycle_is_found(tmp_path):
+    """inputs.prompts -> gates.trained and gates.compute -> inputs.recipe: no module cycle, a package one."""
+    package = tmp_path / "moemerge"
+    for folder in ("inputs", "gates"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "errors.py").write_text("")
+    (package / "inputs" / "recipe.py").write_text("from moemerge.errors import x\n")
+    (package / "inputs" / "prompts.py").write_text("from moemerge.gates.trained import split_prompts\n")
+    (package / "gates" / "trained.py").write_text("")
+    (package / "gates" / "compute.py").write_text("from moemerge.inputs import recipe\n")
+    graph = import_graph(package)
+    assert find_cycle(graph) is None
+    packages = package_graph(graph)
+    assert packages == {
+        "moemerge": set(),
+        "moemerge.errors": set(),
+        "moemerge.inputs": {"moemerge.errors", "moemerge.gates"},
+        "moemerge.gates": {"moemerge.inputs"},
+    }
+    assert find_cycle(packages) == ["moemerge.gates", "moemerge.inputs", "moemerge.gates"]

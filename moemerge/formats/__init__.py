@@ -15,17 +15,6 @@ from moemerge.inputs.families import InputFamily
 
 log = logging.getLogger("moemerge")
 FORMATS: dict[str, OutputFormat] = {f.name: f for f in (Mixtral(), Qwen2Moe(), Qwen3Moe())}
-# mergekit-moe's spellings of the same formats, so its recipes read unchanged.
-ALIASES = {"qwen": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-
-
-def canonical_name(name: str) -> str:
-    """The format a recipe's `architecture:` names; ValueError listing the choices otherwise."""
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in FORMATS:
-        raise ValueError(f"unknown architecture {name!r}; moemerge writes {', '.join(FORMATS)}")
-    return key
 
 
 def choose_format(

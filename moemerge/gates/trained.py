@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moemerge.gates.router_inputs import RouterInputs
+from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
 
 TOKENS_PER_STEP = 4096
@@ -53,19 +54,6 @@ class TrainingReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def split_prompts(labels: list[int], holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified split: each expert keeps `holdout` of its prompts aside (none if it has fewer than 2)."""
-    generator = torch.Generator().manual_seed(seed)
-    train, held = [], []
-    for expert in sorted(set(labels)):
-        members = [i for i, label in enumerate(labels) if label == expert]
-        order = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
-        count = int(round(len(members) * holdout)) if len(members) > 1 else 0
-        held += order[:count]
-        train += order[count:]
-    return sorted(train), sorted(held)
 
 
 def fit_gates(features: torch.Tensor, labels: torch.Tensor, num_experts: int, spec: TrainingSpec) -> torch.Tensor:

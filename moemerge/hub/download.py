@@ -11,7 +11,7 @@ fetched, also offline. Only what a merge reads is fetched:
   from the base);
 - a LoRA adapter: adapter_model.safetensors.
 
-Never fetched: `consolidated*`, `original/*`, GGUF, `.pth`/`.pt`, and pickled `.bin` unless --allow-pickle.
+Never fetched: `consolidated*`, `original/*`, GGUF, `.pth`/`.pt`, and pickled `.bin` unless `allow_pickle`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.files import ADAPTER_CONFIG, CONFIG, MODEL_CARD, PICKLE_INDEX, SAFETENSORS_INDEX, SIDE_FILES
 from moemerge.hub.ids import one_line, parse_hub_id
 from moemerge.inputs.weight_index import read_weight_index
@@ -213,8 +213,9 @@ class HubFetcher:
                 )
             names = self._adapter_weights(listing)
             if not names:
-                hint = "" if self.allow_pickle else " (a pickled adapter_model.bin needs --allow-pickle)"
-                raise MoemergeError(f"{key}: the Hub adapter {repo_id} has no adapter_model.safetensors{hint}")
+                hint = "" if self.allow_pickle else " (a pickled adapter_model.bin needs {allow_pickle})"
+                template = "{key}: the Hub adapter {repo_id} has no adapter_model.safetensors" + hint
+                raise OptionError(template, key=key, repo_id=repo_id)
             self._files(repo_id, pinned, names, listing, key)
             return folder, commit
         if not (folder / CONFIG).is_file():
@@ -224,8 +225,9 @@ class HubFetcher:
                 return self._fetch_sharded(repo_id, pinned, folder, index_name, listing, role, key), commit
         names = self._single_weights(listing)
         if not names:
-            hint = "" if self.allow_pickle else " (pickled .bin weights need --allow-pickle)"
-            raise MoemergeError(f"{key}: the Hub model {repo_id} has no safetensors weights moemerge reads{hint}")
+            hint = "" if self.allow_pickle else " (pickled .bin weights need {allow_pickle})"
+            template = "{key}: the Hub model {repo_id} has no safetensors weights moemerge reads" + hint
+            raise OptionError(template, key=key, repo_id=repo_id)
         self._files(repo_id, pinned, names, listing, key)
         return folder, commit
 

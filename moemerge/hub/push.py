@@ -1,22 +1,21 @@
-"""Pushing a merged output to the Hugging Face Hub (`moemerge push`, `moemerge merge --push`)."""
+"""Pushing a merged output to the Hugging Face Hub (`moemerge push`, and `moemerge merge` when asked to)."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.files import CONFIG, MANIFEST
 from moemerge.hub.ids import one_line, parse_hub_id
 
 
 def check_push_target(repo_id: str, revision: str | None, create_pr: bool, need_token: bool = True) -> None:
-    """Refuse a bad target before any work: a malformed id, --create-pr with --revision, no token."""
+    """Refuse a bad target before any work: a malformed id, `create_pr` with `revision`, no token."""
     if parse_hub_id(repo_id) is None or "@" in repo_id:
         raise MoemergeError(f"{repo_id!r} is not a Hub repo id; use namespace/name (e.g. my-org/my-moe)")
     if create_pr and revision:
-        raise MoemergeError("--create-pr opens a pull request against main; drop --revision, or push to the branch")
+        raise OptionError("{create_pr} opens a pull request against main; drop {revision}, or push to the branch")
     if need_token:
         from huggingface_hub import get_token
 
@@ -26,11 +25,27 @@ def check_push_target(repo_id: str, revision: str | None, create_pr: bool, need_
             )
 
 
-def _resume_command(out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool) -> str:
-    command = f"moemerge push {shlex.quote(str(out))} {repo_id}" + (" --private" if private else "")
-    if create_pr:  # a second --create-pr would open a second pull request
-        return f"{command} --revision refs/pr/N (N: the pull request named above; --create-pr opens a new one)"
-    return command + (f" --revision {shlex.quote(revision)}" if revision else "")
+class PushFailed(MoemergeError):
+    """A push that stopped part way; `out` is intact and pushing again resumes. It keeps push()'s arguments so
+    that each front end says how to resume in its own words (str(): as a push() call; the CLI: as a command).
+    A pull request is resumed on its own branch (revision refs/pr/N): create_pr again would open a second one."""
+
+    def __init__(
+        self, reason: str, out: Path, repo_id: str, private: bool, revision: str | None, create_pr: bool
+    ) -> None:
+        self.reason, self.out, self.repo_id = reason, out, repo_id
+        self.private, self.revision, self.create_pr = private, revision, create_pr
+        super().__init__(self.with_resume(self._python_call()))
+
+    def with_resume(self, how: str) -> str:
+        """The message, with `how` as the way to resume."""
+        return f"push to {self.repo_id} failed ({self.reason}); {self.out} is intact; resume with: {how}"
+
+    def _python_call(self) -> str:
+        revision = "refs/pr/N" if self.create_pr else self.revision
+        arguments = [repr(str(self.out)), repr(self.repo_id)] + (["private=True"] if self.private else [])
+        call = f"push({', '.join(arguments + ([f'revision={revision!r}'] if revision else []))})"
+        return call + (" (N: the pull request named above; create_pr=True opens a new one)" if self.create_pr else "")
 
 
 def _push_error(exc: BaseException) -> str:
@@ -108,8 +123,5 @@ def push(
                 f"/tree/{revision}" if revision else ""
             )
     except (Exception, KeyboardInterrupt) as exc:
-        resume = _resume_command(out, repo_id, private, revision, create_pr)
-        raise MoemergeError(
-            _scrub(f"push to {repo_id} failed ({_push_error(exc)}); {out} is intact; resume with: {resume}", api)
-        ) from None
+        raise PushFailed(_scrub(_push_error(exc), api), out, repo_id, private, revision, create_pr) from None
     return url

@@ -9,8 +9,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moemerge.errors import MoemergeError
-from moemerge.gates.trained import split_prompts
 from moemerge.inputs.recipe import PROMPT_MODES, Recipe
 from moemerge.inputs.sources import find_path
 
@@ -127,6 +128,19 @@ def gather_prompts(recipe: Recipe, recipe_dir: Path) -> ExpertPrompts:
     if recipe.gate_mode == "trained":
         _check_training_rows(recipe, labelled, Path(recipe.dataset_csv or ""))
     return ExpertPrompts(positive, negative, labelled, files)
+
+
+def split_prompts(labels: list[int], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified split: each expert keeps `holdout` of its prompts aside (none if it has fewer than 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for expert in sorted(set(labels)):
+        members = [i for i, label in enumerate(labels) if label == expert]
+        order = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+        count = int(round(len(members) * holdout)) if len(members) > 1 else 0
+        held += order[:count]
+        train += order[count:]
+    return sorted(train), sorted(held)
 
 
 def _check_training_rows(recipe: Recipe, labelled: list[tuple[str, int]], dataset: Path) -> None:

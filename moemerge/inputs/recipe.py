@@ -10,11 +10,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.errors import MoemergeError
-from moemerge.formats import canonical_name
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "trained"]
 NonExpertPolicy = Literal["base", "average"]  # where attention, norms, embeddings and dense MLPs come from
 PROMPT_MODES = ("hidden", "cheap_embed", "trained")
+# The output formats `architecture:` may name (moemerge.formats writes each), and mergekit-moe's spellings of
+# them, so its recipes read unchanged.
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+ARCHITECTURE_ALIASES = {"qwen": "qwen2_moe", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 DTYPE_ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
@@ -120,7 +123,13 @@ class Recipe(BaseModel):
     @field_validator("architecture", mode="before")
     @classmethod
     def _known_architecture(cls, value: Any) -> Any:
-        return canonical_name(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        key = value.strip().lower()
+        key = ARCHITECTURE_ALIASES.get(key, key)
+        if key not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {value!r}; moemerge writes {', '.join(ARCHITECTURES)}")
+        return key
 
     @field_validator("shared_experts", mode="before")
     @classmethod

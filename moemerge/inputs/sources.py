@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.files import ADAPTER_CONFIG, CONFIG, WEIGHT_INDEXES, read_json
 from moemerge.inputs.model_files import DenseConfig, typed
 from moemerge.inputs.safetensors_header import TensorInfo, read_weights
@@ -101,9 +101,11 @@ class TensorStore:
             for file in files:
                 self._pickled.update(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
         else:
-            raise MoemergeError(
-                f"{label}: {files[0].parent} has only pickled .bin weights, which can run code when loaded; "
-                "convert them to safetensors or pass --allow-pickle if you trust the source"
+            raise OptionError(
+                "{label}: {folder} has only pickled .bin weights, which can run code when loaded; "
+                "convert them to safetensors or pass {allow_pickle} if you trust the source",
+                label=label,
+                folder=files[0].parent,
             )
 
     def names(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Vocabulary checks: an expert whose embedding table differs in size from the base's (usually added tokens).
 
 The MoE takes embeddings, lm_head and tokenizer from the base, so an expert's added tokens cannot exist in
-it. That is an error by default, naming the tokens; `--allow-vocab-mismatch` builds anyway with the base's
+it. That is an error by default, naming the tokens; `allow_vocab_mismatch` builds anyway with the base's
 vocabulary, warns, and lists the left-out tokens in moemerge.json. Nothing is ever cut silently.
 """
 
@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import OptionError
 from moemerge.inputs.families import EMBEDDINGS
 from moemerge.inputs.sources import ModelSource
 
@@ -83,8 +83,12 @@ def vocab_mismatch(base: ModelSource, expert: ModelSource, tokenizer: Path, labe
     if not added or allow:
         return added
     rows = f"its vocabulary has {got} embedding rows, the base's {want}; " if got > want else ""
-    raise MoemergeError(
-        f"{label}: {rows}it adds {len(added)} token(s) the base lacks: {_describe(added)}. Use experts "
-        "fine-tuned with the base's tokenizer, or pass --allow-vocab-mismatch to build with the base's "
-        "vocabulary (the MoE then cannot produce them)"
+    raise OptionError(
+        "{label}: {rows}it adds {count} token(s) the base lacks: {tokens}. Use experts fine-tuned with the "
+        "base's tokenizer, or pass {allow_vocab_mismatch} to build with the base's vocabulary (the MoE then "
+        "cannot produce them)",
+        label=label,
+        rows=rows,
+        count=len(added),
+        tokens=_describe(added),
     )

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.interrupt import interrupted, shielded
 
 PARTIAL_TAG = "moemerge-partial"
@@ -26,14 +26,14 @@ def output_folder(out: Path) -> Path:
 
 
 def check_output(out: Path, force: bool, reads: list[tuple[str, Path]]) -> None:
-    """Refuse before any work: an existing OUT without --force, an unwritable parent, and an OUT equal to,
+    """Refuse before any work: an existing OUT without `force`, an unwritable parent, and an OUT equal to,
     inside or around anything the merge reads (`reads`: what it is, e.g. "the LoRA adapter", and its path),
-    symlinks resolved, since --force deletes what OUT holds and a merge writes where OUT is."""
+    symlinks resolved, since `force` deletes what OUT holds and a merge writes where OUT is."""
     resolved = out.resolve()
     if out.exists() and not force:
-        raise MoemergeError(f"{out} already exists; choose another output folder or pass --force to replace it")
+        raise OptionError("{out} already exists; choose another output folder or pass {force} to replace it", out=out)
     if out.exists() and not out.is_dir():
-        raise MoemergeError(f"{out} exists and is a file; --force only replaces an output folder")
+        raise OptionError("{out} exists and is a file; {force} only replaces an output folder", out=out)
     for what, path in reads:
         read = path.resolve()
         if resolved == read or read in resolved.parents or resolved in read.parents:

@@ -14,11 +14,12 @@ Routing, as reported in every reply (`routing` object):
 Each token picks top-k experts per layer, so the shares of all experts sum to top-k, not 1.
 `top_expert` is the expert with the largest completion share (ties: larger prompt share, then lower index).
 
-Request routing (`--routing request` or a request's `routing` object; moemerge/tools/request_routing.py): one decision
-per request, from the routers' mean probabilities over the request's text, then every layer runs only the chosen
-experts for the prompt and every generated token. The shares then count the experts that ran, `top_k` is how
-many ran per token, `top_expert` is the decision's first expert, and `chosen`, `decided_by` and `mixing` say
-what was decided; `routing_duration` includes the decision's router pass. `mode` says which routing decided.
+Request routing (the engine's `RequestRouting(mode="request")` or a request's `routing` object;
+moemerge/tools/request_routing.py): one decision per request, from the routers' mean probabilities over the
+request's text, then every layer runs only the chosen experts for the prompt and every generated token. The
+shares then count the experts that ran, `top_k` is how many ran per token, `top_expert` is the decision's first
+expert, and `chosen`, `decided_by` and `mixing` say what was decided; `routing_duration` includes the
+decision's router pass. `mode` says which routing decided.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from moemerge.tools.request_routing import (
     RequestRouting,
     RoutingPlan,
     RoutingSettingsError,
-    checked_for_cli,
     decide,
     restricted,
 )
@@ -115,7 +115,7 @@ class Engine:
         routing: RequestRouting | None = None,
     ) -> None:
         self.model, self.tokenizer, self.names = model, tokenizer, names
-        self.routing = checked_for_cli(routing or RequestRouting(), names)  # the default for every request
+        self.routing = (routing or RequestRouting()).checked(names)  # the default for every request
         config = model.config
         self.top_k = config.num_experts_per_tok
         self.layers = config.num_hidden_layers

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -32,11 +32,12 @@ MODES = ("token", "request")
 MIXINGS = ("router", "fixed")
 
 
-class RoutingSettingsError(ValueError):
-    """A bad routing setting; `field` is which one (mode, top_k, mixing, experts), for the caller's wording."""
+class RoutingSettingsError(OptionError):
+    """A bad routing setting: `field` is which one (mode, top_k, mixing, experts), the option it names is
+    `routing.<field>` (the CLI's flag, an HTTP request's parameter), `message` what is wrong with it."""
 
     def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{{routing.{field}}}: {{message}}", message=message)
         self.message, self.field = message, field
 
 
@@ -210,18 +211,6 @@ def experts_run(decision: Decision | None, router_logits: torch.Tensor, top_k: i
     flat = router_logits.reshape(-1, router_logits.shape[-1])
     _, indices = restriction.choose(flat, top_k, renormalize=False)
     return indices.reshape(*router_logits.shape[:-1], -1)
-
-
-# The CLI's names for the settings, for one-line errors.
-CLI_FLAGS = {"mode": "--routing", "top_k": "--request-top-k", "mixing": "--request-mixing", "experts": "--expert"}
-
-
-def checked_for_cli(settings: RequestRouting, names: list[str]) -> RequestRouting:
-    """The settings, or a MoemergeError naming the command-line flag to change."""
-    try:
-        return settings.checked(names)
-    except RoutingSettingsError as exc:
-        raise MoemergeError(f"{CLI_FLAGS[exc.field]}: {exc.message}") from None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused, SamplingParams
 from moemerge.tools.openai_api import (
     ChatRequest,
@@ -301,13 +301,19 @@ def _check_can_listen(host: str, port: int) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
-        raise MoemergeError(f"--host {host}: {getattr(exc, 'strerror', None) or exc}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise OptionError("{host} {address}: {reason}", address=host, reason=reason) from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
             probe.bind(address)
         except OSError as exc:
-            raise MoemergeError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+            raise OptionError(
+                "cannot listen on {address}:{number}: {reason}; choose another {port}",
+                address=host,
+                number=port,
+                reason=exc.strerror,
+            ) from None
 
 
 def serve(

@@ -1,7 +1,7 @@
 """`moemerge verify`: check an output folder is complete and self-consistent before anyone relies on it.
 
 The cheap part (index, shard headers, names, shapes, dtypes against config.json) runs inside every merge
-before the output is renamed into place; `--deep` also reads every value and loads the model.
+before the output is renamed into place; `deep` also reads every value and loads the model.
 """
 
 from __future__ import annotations

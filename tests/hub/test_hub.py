@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from support.paths import CLI
 from support.tiny_models import make_base, make_expert, make_lora, write_recipe
 from transformers import LlamaForCausalLM
 
+from moemerge.cli import error_line
 from moemerge.errors import MoemergeError
 from moemerge.hub.download import HubFetcher
 from moemerge.hub.ids import parse_hub_id
@@ -337,15 +339,17 @@ def test_pull_request_and_upload_large_folder(world, merged):
             push(out, "org/pr-target", create_pr=True, api=HfApi(endpoint=hub.url, token=TOKEN))
     finally:
         hub.fail_commits = None
-    assert "--revision refs/pr/N" in str(info.value) and TOKEN not in str(info.value)
+    assert "revision='refs/pr/N'" in str(info.value) and "--revision refs/pr/N" in error_line(info.value)
+    assert TOKEN not in str(info.value) + error_line(info.value)
     push(out, "org/pr-target", revision="refs/pr/2", api=HfApi(endpoint=hub.url, token=TOKEN))  # resumes PR 2
     assert "config.json" in hub.files("org/pr-target", "refs/pr/2")
     push(out, "org/large", private=True, api=api)
     assert calls == [
         {"repo_id": "org/large", "folder_path": out, "repo_type": "model", "revision": None, "private": True}
     ]
-    with pytest.raises(MoemergeError, match="drop --revision"):
+    with pytest.raises(MoemergeError, match="drop revision") as info:
         push(out, "org/x", revision="dev", create_pr=True, api=api)
+    assert "drop --revision" in error_line(info.value)
     with pytest.raises(MoemergeError, match="not a Hub repo id"):
         push(out, "org/x@dev", api=api)
     with pytest.raises(MoemergeError, match="not a moemerge output"):
@@ -452,8 +456,9 @@ def test_download_progress_and_pickle_policy(world, tmp_path):
     config = (world["coder"] / "config.json").read_bytes()
     hub.add_model("org/pickled", extra={"config.json": config, "pytorch_model.bin": b"pickle"})
     before = len(hub.requests)
-    with pytest.raises(MoemergeError, match=r"experts\[1\].source_model.*--allow-pickle"):
+    with pytest.raises(MoemergeError, match=r"experts\[1\].source_model.*allow_pickle") as info:
         HubFetcher(endpoint=hub.url, cache_dir=cache).fetch("org/pickled", "experts[1].source_model", "expert")
+    assert re.search(r"experts\[1\].source_model.*--allow-pickle", error_line(info.value))
     assert "pytorch_model.bin" not in hub.downloaded("org/pickled")
     assert len(hub.requests) > before
     folder = HubFetcher(True, endpoint=hub.url, cache_dir=cache).fetch("org/pickled", "e", "expert")

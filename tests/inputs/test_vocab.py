@@ -12,6 +12,7 @@ import torch
 from support.paths import CLI
 from support.tiny_models import make_base, make_expert, make_lora, read_tensors, tiny_tokenizer, write_recipe
 
+from moemerge.cli import error_line
 from moemerge.errors import MoemergeError
 from moemerge.output.merge import MergeOptions, merge
 
@@ -35,7 +36,8 @@ def test_added_tokens_are_named_and_the_way_out_given(tmp_path, models):
         merge(recipe, tmp_path / "out")
     message = str(info.value)
     assert message.startswith("experts[1]: its vocabulary has 66 embedding rows, the base's 64")
-    assert "adds 2 token(s) the base lacks: '<tool>', '</tool>'" in message and "--allow-vocab-mismatch" in message
+    assert "adds 2 token(s) the base lacks: '<tool>', '</tool>'" in message and " allow_vocab_mismatch " in message
+    assert "--" not in message and "pass --allow-vocab-mismatch to build" in error_line(info.value)
     assert not (tmp_path / "out").exists()
 
 
