@@ -595,8 +595,8 @@ def _fmt(value: object, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
-    """The summary rows as a markdown table."""
+def markdown(rows: list[dict[str, object]], baseline: str = "whole-model pass") -> str:
+    """The summary rows as a markdown table; `baseline` says what the baseline tree is."""
     header = (
         "| method | gates | size | runs | median wall s | min–max s | median wall+sync s | peak tree RSS GiB "
         "| peak tree anon GiB | max single RSS GiB | output GB | ratio to copy | ratio to random | prompts/s "
@@ -604,7 +604,7 @@ def markdown(rows: list[dict[str, object]]) -> str:
     )
     lines = [header, "|" + "---|" * 15]
     for row in rows:
-        method = {"copy": "copy (cp -r + sync)", "baseline": "moemerge, whole-model pass (baseline)"}.get(
+        method = {"copy": "copy (cp -r + sync)", "baseline": f"moemerge, {baseline} (baseline)"}.get(
             row["method"], row["method"]
         )
         cells = [
@@ -692,7 +692,8 @@ def print_report(
     `markdown_path` if given."""
     rows = summarize(records)
     ratios = pair_ratios(records)
-    table = markdown(rows)
+    revisions = sorted({r.revision for r in records if r.method == "baseline"})
+    table = markdown(rows, f"at {', '.join(revisions)}") if revisions else markdown(rows)
     print(table)
     if markdown_path:
         markdown_path.write_text(table + "\n")
