@@ -13,8 +13,8 @@ is over held-out samples (`--runs`, a different sample of held-out texts each).
     python benchmarks/expert_policies.py --sets attn --gates trained,trained+tune
     python benchmarks/expert_policies.py --combos base/trained,average/trained+tune  # chosen pairs only
 
-`tune_on_moe` costs one truncated forward pass of the whole MoE per layer over the labelled prompts (about
-half the layer count in full passes), so --train-prompts and --max-tokens bound it.
+`tune_on_moe` costs about one forward pass of the whole MoE over the labelled prompts (two where every router is
+replaced), so --train-prompts and --max-tokens bound it.
 """
 
 from __future__ import annotations

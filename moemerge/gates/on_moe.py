@@ -11,7 +11,8 @@ where its held-out routing accuracy is at least the current router's on the same
 lowers a layer's held-out accuracy on the inputs it sees. The new routers are written over the old ones in
 the shards, in place (same names, shapes and dtype).
 
-Cost: the whole MoE in memory (unlike the streamed merge), and one truncated forward pass per sparse layer.
+Cost: the whole MoE in memory (unlike the streamed merge), the labelled prompts' hidden states at one layer,
+and one forward pass through the MoE, layer by layer (a layer whose router is replaced runs twice).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,8 @@ import torch
 
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
-from moemerge.gates.router_inputs import pad_ready, prompt_batches
+from moemerge.gates.layer_stream import _PassThrough
+from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches
 from moemerge.gates.trained import fit_gates, split_prompts, token_accuracy
 from moemerge.hf import load_model, load_tokenizer
 from moemerge.inputs.recipe import TrainingSpec
@@ -57,25 +61,40 @@ def _router(layer: torch.nn.Module) -> torch.nn.Module:
     return moe.gate
 
 
-def _layer_inputs(model, tokenizer, texts: list[str], layer: int, spec: TrainingSpec) -> tuple[torch.Tensor, ...]:
-    """Router inputs of `layer` for every real token [tokens, hidden], and each token's prompt [tokens]: a hook
-    on that layer's post-attention norm, the decoder stack cut after `layer`, so later layers cost nothing."""
-    layers = model.model.layers
-    captured: list[torch.Tensor] = []
-    hook = layers[layer].post_attention_layernorm.register_forward_hook(lambda _m, _i, out: captured.append(out))
-    features, owners = [], []
-    model.model.layers = layers[: layer + 1]
+@contextmanager
+def _alone(model: torch.nn.Module, layer: int) -> Iterator[torch.nn.Module]:
+    """The decoder stack with every layer but `layer` passed through and no final norm: called on layer
+    `layer`'s input hidden states as `inputs_embeds`, it returns that layer's output, with the causal and
+    padding masks, positions and rotary embeddings the whole model gives that layer (as gates/layer_stream.py
+    does for the dense base)."""
+    body = model.model
+    layers, norm = body.layers, body.norm
+    body.layers = torch.nn.ModuleList([module if i == layer else _PassThrough() for i, module in enumerate(layers)])
+    body.norm = torch.nn.Identity()
     try:
-        for batch in prompt_batches(tokenizer, texts, spec.batch_size, spec.max_tokens):
-            captured.clear()
-            with torch.inference_mode():
-                model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            features.append(captured[0][batch.real].float())
-            owners.append(torch.tensor(batch.prompts)[:, None].expand_as(batch.real)[batch.real])
+        yield layers[layer]
     finally:
-        model.model.layers = layers
-        hook.remove()
-    return torch.cat(features), torch.cat(owners)
+        body.layers, body.norm = layers, norm
+
+
+def _run_layer(
+    model: torch.nn.Module, layer: int, hidden: list[torch.Tensor], batches: list[PromptBatch]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Layer `layer` applied to every batch's hidden states [B, T, H]: the outputs, batch by batch, and the
+    router inputs of every real token [tokens, hidden] (its post-attention norm's output), batches in order."""
+    outputs, features = [], []
+    with _alone(model, layer) as module:
+        seen: list[torch.Tensor] = []
+        hook = module.post_attention_layernorm.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            for states, batch in zip(hidden, batches, strict=True):
+                with torch.no_grad():
+                    out = model.model(inputs_embeds=states, attention_mask=batch.attention_mask, use_cache=False)
+                outputs.append(out.last_hidden_state)
+                features.append(seen.pop()[batch.real].float())
+        finally:
+            hook.remove()
+    return outputs, torch.cat(features)
 
 
 def tune_on_moe(
@@ -87,19 +106,30 @@ def tune_on_moe(
     spec: TrainingSpec,
 ) -> TuningReport:
     """Refit the routers of the MoE written in `folder` (config.json and shards), layer by layer, and write
-    the replaced ones back into its shards."""
+    the replaced ones back into its shards.
+
+    The labelled prompts' hidden states are kept at the current layer's input: layer i is run once on them,
+    which gives its router inputs and its output; when its router is replaced it is run again, so that layer
+    i+1's inputs come from the new router, as they will in the written MoE.
+    """
     model = load_model(folder, torch.float32)
     tokenizer = pad_ready(load_tokenizer(folder))
     texts, labels = [text for text, _ in labelled], [label for _, label in labelled]
     train, held = split_prompts(labels, spec.holdout, spec.seed)
-    scored_prompts = held or train
+    batches = prompt_batches(tokenizer, texts, spec.batch_size, spec.max_tokens)
+    owners = torch.cat([torch.tensor(b.prompts)[:, None].expand_as(b.real)[b.real] for b in batches])
+    token_labels = torch.tensor(labels)[owners]
+    in_train = torch.isin(owners, torch.tensor(train))
+    scored = torch.isin(owners, torch.tensor(held or train))
     report = TuningReport([], [], [], [], len(train), len(held))
     replaced: dict[str, torch.Tensor] = {}
-    for layer in sparse_layers:
-        features, owners = _layer_inputs(model, tokenizer, texts, layer, spec)
-        token_labels = torch.tensor(labels, device=owners.device)[owners]
-        in_train = torch.isin(owners, torch.tensor(train, device=owners.device))
-        scored = torch.isin(owners, torch.tensor(scored_prompts, device=owners.device))
+    with torch.no_grad():
+        hidden = [model.model.embed_tokens(batch.input_ids) for batch in batches]
+    for layer in range(max(sparse_layers, default=-1) + 1):
+        outputs, features = _run_layer(model, layer, hidden, batches)
+        if layer not in sparse_layers:
+            hidden = outputs
+            continue
         router = _router(model.model.layers[layer])
         current = router.weight.detach().float()[None]
         fitted = fit_gates(features[None, in_train], token_labels[in_train], num_experts, spec)
@@ -110,12 +140,15 @@ def tune_on_moe(
             with torch.no_grad():
                 router.weight.copy_(fitted[0].to(router.weight.dtype))
             replaced[output.gate_name(layer)] = fitted[0]
+            if layer != max(sparse_layers):  # later routers must see what the new router makes of this layer
+                outputs = _run_layer(model, layer, hidden, batches)[0]
+        hidden = outputs
         report.layers.append(layer)
         report.accuracy_before.append(before)
         report.accuracy_after.append(max(before, after))
         report.replaced.append(better)
         log.info(f"layer {layer}: routing accuracy on the MoE's own inputs {before:.3f} -> {max(before, after):.3f}")
-    del model
+    del model, hidden
     for file in rewrite_tensors(folder, replaced):
         with file.open("rb") as handle:  # the shard's digest as recorded at write time no longer holds
             report.shard_sha256[file.name] = hashlib.file_digest(handle, "sha256").hexdigest()
