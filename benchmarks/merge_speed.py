@@ -41,6 +41,7 @@ Usage (from the repository root, with the project's venv):
     python benchmarks/merge_speed.py --size small --repeats 1
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --repeats 3 --json /tmp/bench-1b.json
     python benchmarks/merge_speed.py --size 2b --gates random --methods moemerge
+    python benchmarks/merge_speed.py --size 3b --gates random,hidden --methods moemerge   # 51 GB of disk
     python benchmarks/merge_speed.py --combine /tmp/bench-1b-random.json /tmp/bench-1b-hidden.json
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --methods moemerge,baseline --baseline /work/main
     python benchmarks/merge_speed.py --size smollm2 --gates trained --labelled 360 --methods moemerge
@@ -147,6 +148,7 @@ SIZES = {
     "small": ModelSize("small", hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=4),
     "1b": ModelSize("1b", hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=16),
     "2b": ModelSize("2b", hidden=2048, intermediate=5632, layers=32, heads=32, kv_heads=16),
+    "3b": ModelSize("3b", hidden=2048, intermediate=5632, layers=64, heads=32, kv_heads=16),
 }
 
 

@@ -31,8 +31,9 @@ from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.layer_stream import _PassThrough
 from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches
-from moemerge.gates.trained import fit_gates, split_prompts, token_accuracy
+from moemerge.gates.trained import fit_gates, token_accuracy
 from moemerge.hf import load_model, load_tokenizer
+from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
 from moemerge.inputs.safetensors_header import read_header
 

@@ -4,8 +4,9 @@ run up to layer i, with the routers of the layers before i already tuned. Here t
 independently, one prompt at a time (no padding, no batching), a truncated forward pass per tuned layer, and
 the merge's tuning must choose the same routers with the same weights up to float noise.
 
-The fitting itself (moemerge.gates.trained's fit_gates, token_accuracy, split_prompts) is shared with the
-reference: it is tested in test_trained_gates.py; what is tested here is which inputs it is given.
+The fitting itself (fit_gates and token_accuracy from moemerge.gates.trained, split_prompts from
+moemerge.inputs.prompts) is shared with the reference: it is tested in test_trained_gates.py; what
+is tested here is which inputs it is given.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 import torch
 from support.tiny_models import load_model, make_base, make_expert, read_tensors, tiny_tokenizer, write_recipe
 
-from moemerge.gates.trained import fit_gates, split_prompts, token_accuracy
+from moemerge.gates.trained import fit_gates, token_accuracy
+from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
 from moemerge.output.merge import merge
 
