@@ -103,8 +103,11 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
     rows[layers] = trained
     untrained = [layer for layer in range(ctx.num_layers) if layer not in layers]
     if untrained:
+        # its own progress step: the merge's cancellation is checked at every batch (moemerge.gates.background)
+        total = sum(len(g) for g in (*prompts.positive, *prompts.negative)) * ctx.num_layers
+        advance = ctx.progress.task(f"hidden states on {ctx.device.type}", total)
         prototypes, token_norm = hidden_prototypes(
-            ctx.base, tokenizer, prompts.positive, prompts.negative, _capture_options(ctx, ctx.batch_size)
+            ctx.base, tokenizer, prompts.positive, prompts.negative, _capture_options(ctx, ctx.batch_size), advance
         )
         rows[untrained] = router_rows(prototypes, token_norm, recipe.gate_scale)[untrained]
     for layer, accuracy in zip(report.trained_layers, report.layer_accuracy, strict=True):

@@ -148,3 +148,47 @@ def test_a_merge_stopped_while_its_routers_wait_for_the_gates_ends_at_once(tmp_p
     assert [str(e) for e in errors] == ["the progress display failed"]
     _until_no_gate_thread()
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp_path, monkeypatch):
+    """Trained gates on some layers give the others hidden gates from a second pass over the prompts; a merge
+    that fails while that pass runs stops it at its next batch too, not after every prompt went through."""
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    rows = [(f"prompt {i} " + "ab" * (i % 7), i % 2) for i in range(200)]
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "trained",
+        "dataset_csv": str(tmp_path / "train.csv"),
+        "training": {"steps": 5, "layers": [0]},
+        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    from moemerge.gates import compute
+    from moemerge.gates.layer_stream import LayerStack
+
+    hidden_pass, batches, at_failure = threading.Event(), [0], []
+    real_prototypes, real_forward = compute.hidden_prototypes, LayerStack.forward
+
+    def prototypes(*args, **kwargs):
+        hidden_pass.set()
+        return real_prototypes(*args, **kwargs)
+
+    def forward(self, *args):
+        batches[0] += 1
+        return real_forward(self, *args)
+
+    def failing_write(plan, folder, shard_size, on_tensor=None):
+        hidden_pass.wait(timeout=60)
+        at_failure.append(batches[0])
+        raise MoemergeError("could not write model-00001-of-00001.safetensors: disk full")
+
+    monkeypatch.setattr(compute, "hidden_prototypes", prototypes)
+    monkeypatch.setattr(LayerStack, "forward", forward)
+    monkeypatch.setattr("moemerge.output.merge.write_shards", failing_write)
+    with pytest.raises(MoemergeError, match="disk full"):
+        merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu", batch_size=1))
+    _until_no_gate_thread()
+    assert at_failure, "the hidden pass for the untrained layers never started"
+    assert batches[0] - at_failure[0] < 100, f"{batches[0] - at_failure[0]} batches ran after the merge failed"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
