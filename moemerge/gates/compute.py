@@ -81,7 +81,7 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
     spec = recipe.training
     budget = token_budget(ctx.hidden_size)
     counts = token_counts(tokenizer, [text for text, _ in prompts.labelled], spec.max_tokens)
-    chosen = prompts_within_budget(counts, [label for _, label in prompts.labelled], budget, spec.seed)
+    chosen = prompts_within_budget(counts, [label for _, label in prompts.labelled], budget, spec.seed, spec.holdout)
     texts = [prompts.labelled[i][0] for i in chosen]
     labels = [prompts.labelled[i][1] for i in chosen]
     if len(chosen) < len(prompts.labelled):

@@ -107,14 +107,27 @@ def sample_tokens(candidates: torch.Tensor, labels: torch.Tensor, limit: int, se
     return chosen
 
 
-def prompts_within_budget(token_counts: list[int], labels: list[int], limit: int, seed: int) -> list[int]:
+def _fewest_prompts(holdout: float) -> int:
+    """The fewest prompts of an expert that split_prompts leaves at least one of for training (and, from
+    two, can hold one out of): the whole set passed that check (inputs.prompts), a sample of it must too."""
+    count = 2
+    while count - int(round(count * holdout)) < 1:
+        count += 1
+    return count
+
+
+def prompts_within_budget(
+    token_counts: list[int], labels: list[int], limit: int, seed: int, holdout: float = 0.0
+) -> list[int]:
     """Prompts whose real tokens total at most about `limit`: all of them when they fit; else each expert's
     share of `limit` (its share of the set's tokens) filled with its prompts in random order, keeping at least
-    two per expert so one can be held out. Sorted indices."""
+    two per expert so one can be held out, and as many as `holdout` needs to leave one for training. Sorted
+    indices."""
     total = sum(token_counts)
     if total <= limit:
         return list(range(len(token_counts)))
     generator = torch.Generator().manual_seed(seed)
+    fewest = _fewest_prompts(holdout)
     chosen = []
     for expert in sorted(set(labels)):
         members = [i for i, label in enumerate(labels) if label == expert]
@@ -122,7 +135,7 @@ def prompts_within_budget(token_counts: list[int], labels: list[int], limit: int
         used = 0
         for rank, j in enumerate(torch.randperm(len(members), generator=generator).tolist()):
             count = token_counts[members[j]]
-            if rank >= 2 and used + count > share:
+            if rank >= fewest and used + count > share:
                 break
             chosen.append(members[j])
             used += count

@@ -233,3 +233,34 @@ def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
     assert report["labelled_prompts"] == 90 and report["train_prompts"] + report["holdout_prompts"] < 30
     assert "of a sample drawn from 90 labelled prompts" in (tmp_path / "out" / "README.md").read_text()
     assert min(report["layer_accuracy"]) >= 0.9, report
+
+
+def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path, monkeypatch):
+    """The holdout check passes on the whole labelled set; the sample must pass it too. An expert whose share
+    of the budget is two short prompts loses both to holdout 0.75 (round(1.5) = 2) and was fitted to lose."""
+    from moemerge.gates import compute
+    from moemerge.inputs.prompts import split_prompts
+
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    rows = [("abcdefg" * 14, 0)] * 50 + [("xyz", 1)] * 10
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
+    experts = [{"source_model": str(base), "name": f"e{i}"} for i in range(2)]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        base,
+        experts,
+        gate_mode="trained",
+        dataset_csv=str(tmp_path / "train.csv"),
+        training={"steps": 5, "holdout": 0.75},
+    )
+    monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * 32 * 600)  # about 6 of expert 0's prompts, 2 of expert 1's
+    fitted = []
+
+    def train_gates(inputs, labels, num_experts, spec, *args, **kwargs):
+        fitted.append({labels[i] for i in split_prompts(labels, spec.holdout, spec.seed)[0]})
+        return trained.train_gates(inputs, labels, num_experts, spec, *args, **kwargs)
+
+    monkeypatch.setattr(compute, "train_gates", train_gates)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert json.loads((tmp_path / "out" / "gate_training.json").read_text())["labelled_prompts"] == 60
+    assert fitted == [{0, 1}], "an expert of the sample has no prompt left to train on"
