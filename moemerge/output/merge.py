@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
 from moemerge.gates.background import gates_in_background
-from moemerge.gates.compute import GateContext, compute_gates
+from moemerge.gates.compute import GateContext, GateResult, compute_gates
 from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
 from moemerge.inputs.prompts import gather_prompts
@@ -67,6 +69,19 @@ def _tuning_prompts(recipe: Recipe, labelled: list[tuple[str, int]], positive: l
     return prompts
 
 
+def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateResult]) -> Callable[[int], None]:
+    """The writing's progress, which stops the writing at the next tensor once the gate pass has refused its
+    input (training.layers, the base's tokenizer): otherwise that error comes at the routers, after every shard.
+    Other gate errors still wait for the routers, so that a bad source tensor is named by the writer first."""
+
+    def checked(units: int) -> None:
+        if pending.done() and isinstance(error := pending.exception(), MoemergeError):
+            raise error
+        advance(units)
+
+    return checked
+
+
 def _plan(inputs: Inputs, recipe: Recipe, layout: MoeLayout, gates, dtype) -> list[PlannedTensor]:
     return build_plan(
         inputs.output,
@@ -115,7 +130,7 @@ def merge(
         staged_output(out, options.force) as partial,
     ):
         plan = _plan(inputs, recipe, layout, lambda: pending.result().rows, dtype)
-        advance = progress.task("writing shards", sum(t.nbytes for t in plan))
+        advance = _unless_gates_refused(progress.task("writing shards", sum(t.nbytes for t in plan)), pending)
         index, digests = write_shards(plan, partial, options.shard_size, advance)
         gates = pending.result()
         write_json(partial / CONFIG, config)

@@ -192,3 +192,37 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
     assert at_failure, "the hidden pass for the untrained layers never started"
     assert batches[0] - at_failure[0] < 100, f"{batches[0] - at_failure[0]} batches ran after the merge failed"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
+    """training.layers names a layer the base lacks: the gate pass says so at once, and the merge must not
+    first write every shard (the routers, which wait for the gates, come last)."""
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f"p{i} {'ab' * i},{i % 2}\n" for i in range(8)))
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "trained",
+        "dtype": "float32",
+        "dataset_csv": str(tmp_path / "train.csv"),
+        "training": {"layers": [9]},
+        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+    class WritesOnceTheGatesFailed(_Counting):
+        def task(self, description: str, total: int):
+            advance = super().task(description, total)
+
+            def slow(units: int) -> None:
+                if description == "writing shards":
+                    _until_no_gate_thread()  # the gate pass has ended (with its error) before the first tensor counts
+                advance(units)
+
+            return slow
+
+    progress = WritesOnceTheGatesFailed()
+    with pytest.raises(MoemergeError, match=r"training.layers: layer 9 does not exist"):
+        merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu", shard_size=1000), progress)
+    done, total = progress.steps["writing shards"]
+    assert done < total / 4, f"{done} of {total} bytes were written before the gate pass's error was reported"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
