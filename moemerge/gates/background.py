@@ -16,6 +16,7 @@ from contextlib import contextmanager, suppress
 from functools import partial
 
 from moemerge.gates.compute import GateResult
+from moemerge.interrupt import shielded
 from moemerge.progress import Progress
 
 
@@ -69,5 +70,8 @@ def gates_in_background(compute: Callable[[Progress], GateResult], progress: Pro
         # Whoever still waits for the gates (a writer thread at the routers) is let go at once.
         settle(partial(future.set_exception, GatePassCancelled()))
         # The pass itself ends at its next batch; it is waited for, because a thread still inside torch when
-        # the interpreter exits aborts the process ("terminate called without an active exception").
-        thread.join()
+        # the interpreter exits aborts the process ("terminate called without an active exception"). A second
+        # Ctrl-C must not cut the wait short: an interrupted join also marks the thread stopped, so the
+        # interpreter would not wait for it at exit either.
+        with shielded():
+            thread.join()

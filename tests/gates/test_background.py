@@ -226,3 +226,27 @@ def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
     done, total = progress.steps["writing shards"]
     assert done < total / 4, f"{done} of {total} bytes were written before the gate pass's error was reported"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it():
+    """The first Ctrl-C stops the merge; a second one that reaches the main thread while it waits for the gate
+    pass to end must not cut that wait short: a thread left inside torch at exit aborts the process
+    ("terminate called without an active exception")."""
+    import signal
+
+    from moemerge.interrupt import handling_sigint
+
+    def slow_batches(progress):
+        advance = progress.task("hidden states", 10**9)
+        while True:
+            time.sleep(0.5)  # one long batch: the main thread is waiting for it when the second Ctrl-C comes
+            advance(1)
+
+    def second_ctrl_c() -> None:
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    with handling_sigint(), pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
+        threading.Thread(target=second_ctrl_c).start()
+        raise KeyboardInterrupt  # the first Ctrl-C
+    assert not _gate_threads(), "the merge stopped while its gate pass still ran"
