@@ -56,8 +56,16 @@ class TrainingReport:
         return asdict(self)
 
 
-def fit_gates(features: torch.Tensor, labels: torch.Tensor, num_experts: int, spec: TrainingSpec) -> torch.Tensor:
-    """features [layers, tokens, hidden], labels [tokens] → router weights [layers, experts, hidden]."""
+def fit_gates(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_experts: int,
+    spec: TrainingSpec,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """features [layers, tokens, hidden], labels [tokens] → router weights [layers, experts, hidden].
+    `on_step(0)` is called before every step: the gate pass's progress, which stops a cancelled pass there
+    (moemerge.gates.background) instead of after every step of the layer."""
     layers, tokens, hidden = features.shape
     scale = features.norm(dim=-1).mean(dim=1).clamp_min(1e-6)  # [layers]
     weight = torch.zeros(layers, num_experts, hidden, device=features.device, requires_grad=True)
@@ -66,6 +74,8 @@ def fit_gates(features: torch.Tensor, labels: torch.Tensor, num_experts: int, sp
     optimizer = torch.optim.AdamW([weight], lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator(device=features.device).manual_seed(spec.seed)
     for _ in range(spec.steps):
+        if on_step:
+            on_step(0)
         pick = torch.randint(tokens, (min(TOKENS_PER_STEP, tokens),), generator=generator, device=features.device)
         x = features[:, pick] / scale[:, None, None]
         logits = torch.einsum("lth,leh->lte", x, weight)
@@ -180,7 +190,7 @@ def train_gates(
     for layer, features in enumerate(inputs.layers(max(layers) + 1, keep, on_batch)):
         if layer not in layers:
             continue
-        row = fit_gates(features[None, fit_in_kept.to(device)], fit_labels.to(device), num_experts, spec)
+        row = fit_gates(features[None, fit_in_kept.to(device)], fit_labels.to(device), num_experts, spec, on_batch)
         accuracy, expert_accuracy = token_accuracy(
             row, features[None, score_in_kept.to(device)], score_labels.to(device), num_experts
         )

@@ -250,3 +250,41 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it():
         threading.Thread(target=second_ctrl_c).start()
         raise KeyboardInterrupt  # the first Ctrl-C
     assert not _gate_threads(), "the merge stopped while its gate pass still ran"
+
+
+def test_a_merge_that_fails_while_trained_gates_are_fitted_stops_the_fit(tmp_path, monkeypatch):
+    """Fitting a layer takes `training.steps` optimizer steps with no prompt batch between them: a merge that
+    fails then must stop the fit at its next step, not after every step of the layer."""
+    import torch
+
+    from moemerge.gates import trained
+
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f"p{i} {'ab' * i},{i % 2}\n" for i in range(8)))
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "trained",
+        "dataset_csv": str(tmp_path / "train.csv"),
+        "training": {"steps": 5000, "layers": [0]},
+        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    fitting, steps, at_failure = threading.Event(), [0], []
+
+    class CountingAdamW(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            steps[0] += 1
+            fitting.set()
+            return super().step(*args, **kwargs)
+
+    def failing_write(plan, folder, shard_size, on_tensor=None):
+        fitting.wait(timeout=60)
+        at_failure.append(steps[0])
+        raise MoemergeError("could not write model-00001-of-00001.safetensors: disk full")
+
+    monkeypatch.setattr(trained.torch.optim, "AdamW", CountingAdamW)
+    monkeypatch.setattr("moemerge.output.merge.write_shards", failing_write)
+    with pytest.raises(MoemergeError, match="disk full"):
+        merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu"))
+    _until_no_gate_thread()
+    assert steps[0] - at_failure[0] < 100, f"{steps[0] - at_failure[0]} fitting steps ran after the merge failed"
