@@ -14,6 +14,9 @@ exactly what the whole model does, in whichever transformers version is installe
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +34,22 @@ class _PassThrough(torch.nn.Module):
         return hidden_states
 
 
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def _return_large_blocks_on_free() -> None:
+    """Make glibc serve blocks of 4 MiB and more (layer weights, activations) from mmap, so that freeing them
+    returns them to the system. By default the threshold rises with every larger block freed, up to 32 MiB;
+    freed layers then stay resident in the heaps of the gate thread and the writer, and the peak RSS varied
+    from run to run with thread timing (0.84-1.56 GiB on the 2b base; 0.67-0.73 GiB fixed at 4 MiB, at the
+    same speed; a fixed 128 KiB was as flat and 30% slower). Process-wide, and a no-op without glibc."""
+    if sys.platform.startswith("linux"):
+        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+        if mallopt is not None:
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def _layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
@@ -44,6 +63,7 @@ class LayerStack:
         from moemerge.hf import quiet
 
         quiet()
+        _return_large_blocks_on_free()
         self.source, self.device, self.dtype = source, device, dtype
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         with torch.device("meta"):
