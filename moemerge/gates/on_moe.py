@@ -12,7 +12,9 @@ lowers a layer's held-out accuracy on the inputs it sees. The new routers are wr
 the shards, in place (same names, shapes and dtype).
 
 Cost: the whole MoE in memory (unlike the streamed merge), the labelled prompts' hidden states at one layer,
-and one forward pass through the MoE, layer by layer (a layer whose router is replaced runs twice).
+and one forward pass through the MoE, layer by layer (a layer whose router is replaced runs twice). A
+labelled set larger than trained gates' token budget is sampled the same way first (stratified per expert),
+so the hidden states, like trained gates' router inputs, do not grow with the set.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import torch
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.layer_stream import _PassThrough
-from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches
-from moemerge.gates.trained import fit_gates, token_accuracy
+from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches, token_counts
+from moemerge.gates.trained import fit_gates, prompts_within_budget, token_accuracy, token_budget
 from moemerge.hf import load_model, load_tokenizer
 from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
@@ -116,6 +118,13 @@ def tune_on_moe(
     model = load_model(folder, torch.float32)
     tokenizer = pad_ready(load_tokenizer(folder))
     texts, labels = [text for text, _ in labelled], [label for _, label in labelled]
+    budget = token_budget(model.config.hidden_size)
+    chosen = prompts_within_budget(
+        token_counts(tokenizer, texts, spec.max_tokens), labels, budget, spec.seed, spec.holdout
+    )
+    if len(chosen) < len(texts):
+        log.info(f"tuning on the MoE: {len(chosen)} of {len(texts)} labelled prompts fill the {budget}-token budget")
+        texts, labels = [texts[i] for i in chosen], [labels[i] for i in chosen]
     train, held = split_prompts(labels, spec.holdout, spec.seed)
     batches = prompt_batches(tokenizer, texts, spec.batch_size, spec.max_tokens)
     owners = torch.cat([torch.tensor(b.prompts)[:, None].expand_as(b.real)[b.real] for b in batches])

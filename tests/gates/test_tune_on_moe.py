@@ -82,3 +82,17 @@ def test_tuning_needs_labelled_prompts(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", base, experts, gate_mode="random", training={"tune_on_moe": True})
     with pytest.raises(MoemergeError, match="training.tune_on_moe"):
         merge(recipe, tmp_path / "out")
+
+
+def test_a_labelled_set_over_the_token_budget_is_sampled_before_tuning(tmp_path, monkeypatch):
+    """The prompts' hidden states are held at one layer: a set larger than trained gates' token budget is
+    sampled (stratified per expert) first, so that memory does not grow with the set."""
+    from moemerge.gates import trained
+
+    hidden = json.loads((make_base(tmp_path / "base", initializer_range=0.02) / "config.json").read_text())[
+        "hidden_size"
+    ]
+    monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * hidden * 16 * 12)  # about 12 of the 30 16-letter prompts
+    report = json.loads((merged(tmp_path, "tuned", "hidden", tune=True) / "router_tuning.json").read_text())
+    used = report["train_prompts"] + report["holdout_prompts"]
+    assert 2 * len(LETTERS) <= used <= 15, used
