@@ -28,6 +28,21 @@ def _until_no_gate_thread(seconds: float = 30) -> None:
     assert not _gate_threads(), "the gate pass is still running after the merge stopped"
 
 
+def _trained_recipe(tmp_path, rows: list[tuple[str, int]], training: dict, **keys) -> None:
+    """r.yaml: trained gates on `rows` (text, expert) written as train.csv, two experts that are a 2-layer base."""
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
+    recipe = {
+        "base_model": str(base),
+        "gate_mode": "trained",
+        "dataset_csv": str(tmp_path / "train.csv"),
+        "training": training,
+        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
+        **keys,
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+
+
 def test_the_result_and_the_error_reach_the_waiting_writer():
     rows = object()
     with gates_in_background(lambda progress: GateResult(rows), Silent()) as pending:
@@ -153,17 +168,9 @@ def test_a_merge_stopped_while_its_routers_wait_for_the_gates_ends_at_once(tmp_p
 def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp_path, monkeypatch):
     """Trained gates on some layers give the others hidden gates from a second pass over the prompts; a merge
     that fails while that pass runs stops it at its next batch too, not after every prompt went through."""
-    base = make_base(tmp_path / "base", num_hidden_layers=2)
-    rows = [(f"prompt {i} " + "ab" * (i % 7), i % 2) for i in range(200)]
-    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
-    recipe = {
-        "base_model": str(base),
-        "gate_mode": "trained",
-        "dataset_csv": str(tmp_path / "train.csv"),
-        "training": {"steps": 5, "layers": [0]},
-        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _trained_recipe(
+        tmp_path, [(f"prompt {i} " + "ab" * (i % 7), i % 2) for i in range(200)], {"steps": 5, "layers": [0]}
+    )
     from moemerge.gates import compute
     from moemerge.gates.layer_stream import LayerStack
 
@@ -197,17 +204,7 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
 def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
     """training.layers names a layer the base lacks: the gate pass says so at once, and the merge must not
     first write every shard (the routers, which wait for the gates, come last)."""
-    base = make_base(tmp_path / "base", num_hidden_layers=2)
-    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f"p{i} {'ab' * i},{i % 2}\n" for i in range(8)))
-    recipe = {
-        "base_model": str(base),
-        "gate_mode": "trained",
-        "dtype": "float32",
-        "dataset_csv": str(tmp_path / "train.csv"),
-        "training": {"layers": [9]},
-        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _trained_recipe(tmp_path, [(f"p{i} {'ab' * i}", i % 2) for i in range(8)], {"layers": [9]}, dtype="float32")
 
     class WritesOnceTheGatesFailed(_Counting):
         def task(self, description: str, total: int):
@@ -259,16 +256,7 @@ def test_a_merge_that_fails_while_trained_gates_are_fitted_stops_the_fit(tmp_pat
 
     from moemerge.gates import trained
 
-    base = make_base(tmp_path / "base", num_hidden_layers=2)
-    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f"p{i} {'ab' * i},{i % 2}\n" for i in range(8)))
-    recipe = {
-        "base_model": str(base),
-        "gate_mode": "trained",
-        "dataset_csv": str(tmp_path / "train.csv"),
-        "training": {"steps": 5000, "layers": [0]},
-        "experts": [{"source_model": str(base), "name": f"e{e}"} for e in range(2)],
-    }
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    _trained_recipe(tmp_path, [(f"p{i} {'ab' * i}", i % 2) for i in range(8)], {"steps": 5000, "layers": [0]})
     fitting, steps, at_failure = threading.Event(), [0], []
 
     class CountingAdamW(torch.optim.AdamW):

@@ -204,6 +204,19 @@ def test_prompts_within_budget_fill_each_experts_share():
     assert [sum(labels[i] == e for i in few) for e in range(2)] == [2, 2]
 
 
+def labelled_recipe(tmp_path, base, rows: list[tuple[str, int]], experts: int, training: dict):
+    """A trained-gate recipe over `rows` (text, expert) written as train.csv; every expert is the base."""
+    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
+    return write_recipe(
+        tmp_path / "r.yaml",
+        base,
+        [{"source_model": str(base), "name": f"e{i}"} for i in range(experts)],
+        gate_mode="trained",
+        dataset_csv=str(tmp_path / "train.csv"),
+        training=training,
+    )
+
+
 def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
     """With room for a fifth of the labelled tokens, the gates are fitted on that sample and still route
     held-out prompts home."""
@@ -214,16 +227,7 @@ def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
         for e in range(3)
         for i in range(30)
     ]
-    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
-    experts = [{"source_model": str(base), "name": f"e{i}"} for i in range(3)]
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        base,
-        experts,
-        gate_mode="trained",
-        dataset_csv=str(tmp_path / "train.csv"),
-        training={"steps": 150, "lr": 0.05},
-    )
+    recipe = labelled_recipe(tmp_path, base, rows, 3, {"steps": 150, "lr": 0.05})
     tokens = sum(len(t) for t, _ in rows)
     monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * 32 * tokens // 5)  # float32, hidden 32
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
@@ -243,16 +247,7 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
 
     base = make_base(tmp_path / "base", num_hidden_layers=2)
     rows = [("abcdefg" * 14, 0)] * 50 + [("xyz", 1)] * 10
-    (tmp_path / "train.csv").write_text("prompt,expert\n" + "".join(f'"{t}",{e}\n' for t, e in rows))
-    experts = [{"source_model": str(base), "name": f"e{i}"} for i in range(2)]
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        base,
-        experts,
-        gate_mode="trained",
-        dataset_csv=str(tmp_path / "train.csv"),
-        training={"steps": 5, "holdout": 0.75},
-    )
+    recipe = labelled_recipe(tmp_path, base, rows, 2, {"steps": 5, "holdout": 0.75})
     monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * 32 * 600)  # about 6 of expert 0's prompts, 2 of expert 1's
     fitted = []
 
