@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
@@ -104,15 +105,27 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
     untrained = [layer for layer in range(ctx.num_layers) if layer not in layers]
     if untrained:
         # its own progress step: the merge's cancellation is checked at every batch (moemerge.gates.background)
-        total = sum(len(g) for g in (*prompts.positive, *prompts.negative)) * ctx.num_layers
+        positive = _with_sampled_rows(prompts, chosen)
+        total = sum(len(g) for g in (*positive, *prompts.negative)) * ctx.num_layers
         advance = ctx.progress.task(f"hidden states on {ctx.device.type}", total)
         prototypes, token_norm = hidden_prototypes(
-            ctx.base, tokenizer, prompts.positive, prompts.negative, _capture_options(ctx, ctx.batch_size), advance
+            ctx.base, tokenizer, positive, prompts.negative, _capture_options(ctx, ctx.batch_size), advance
         )
         rows[untrained] = router_rows(prototypes, token_norm, recipe.gate_scale)[untrained]
     for layer, accuracy in zip(report.trained_layers, report.layer_accuracy, strict=True):
         log.info(f"layer {layer}: {report.accuracy_on} routing accuracy {accuracy:.3f}")
     return GateResult(rows, report)
+
+
+def _with_sampled_rows(prompts: ExpertPrompts, chosen: list[int]) -> list[list[str]]:
+    """Each expert's positive prompts with its dataset rows (appended last when the prompts were read) cut to
+    the sampled ones, so the hidden pass for untrained layers does not grow with the labelled set either."""
+    rows = Counter(label for _, label in prompts.labelled)
+    sampled: list[list[str]] = [[] for _ in prompts.positive]
+    for i in chosen:
+        text, label = prompts.labelled[i]
+        sampled[label].append(text)
+    return [group[: len(group) - rows[e]] + sampled[e] for e, group in enumerate(prompts.positive)]
 
 
 def _capture_options(ctx: GateContext, batch_size: int) -> CaptureOptions:

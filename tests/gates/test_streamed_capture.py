@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from support.tiny_models import make_base, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,3 +260,31 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert json.loads((tmp_path / "out" / "gate_training.json").read_text())["labelled_prompts"] == 60
     assert fitted == [{0, 1}], "an expert of the sample has no prompt left to train on"
+
+
+def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeypatch):
+    """With training.layers a subset, the other layers get hidden gates from each expert's positive prompts,
+    which the dataset's rows join; over the budget, only the rows sampled for training go through the base."""
+    from moemerge.gates import compute
+
+    base = make_base(tmp_path / "base", num_hidden_layers=2)
+    rows = [(f"{'abcdefg'[i % 7]}" * (8 + i % 5), i % 2) for i in range(60)]
+    recipe = labelled_recipe(tmp_path, base, rows, 2, {"steps": 5, "layers": [0]})
+    own = [expert["positive_prompts"] for expert in yaml.safe_load(recipe.read_text())["experts"]]
+    monkeypatch.setattr(trained, "FEATURE_BUDGET", 4 * 32 * 200)  # about a fifth of the rows' tokens
+    seen = []
+
+    def hidden_prototypes(base, tokenizer, positive, *args, **kwargs):
+        seen.append(positive)
+        return real(base, tokenizer, positive, *args, **kwargs)
+
+    real = compute.hidden_prototypes
+    monkeypatch.setattr(compute, "hidden_prototypes", hidden_prototypes)
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
+    sampled = report["train_prompts"] + report["holdout_prompts"]
+    assert sampled < 30, report
+    [positive] = seen
+    assert [group[:1] for group in positive] == own, "each expert's own prompt is kept"
+    assert sum(len(group) - 1 for group in positive) == sampled
+    assert all((text, e) in rows for e, group in enumerate(positive) for text in group[1:])
