@@ -45,7 +45,7 @@ class _Cancellable:
 def gates_in_background(compute: Callable[[Progress], GateResult], progress: Progress) -> Iterator[Future[GateResult]]:
     """Start `compute(progress)` on a thread of its own; its result (or error) arrives in the future. Leaving the
     block cancels a pass still running."""
-    stop = threading.Event()
+    stop, ended = threading.Event(), threading.Event()
     future: Future[GateResult] = Future()
 
     def settle(outcome: Callable[[], None]) -> None:
@@ -59,6 +59,8 @@ def gates_in_background(compute: Callable[[Progress], GateResult], progress: Pro
             settle(partial(future.set_exception, exc))
         else:
             settle(partial(future.set_result, result))
+        finally:
+            ended.set()
 
     future.set_running_or_notify_cancel()
     thread = threading.Thread(target=run, name="moemerge-gates")
@@ -72,6 +74,20 @@ def gates_in_background(compute: Callable[[Progress], GateResult], progress: Pro
         # The pass itself ends at its next batch; it is waited for, because a thread still inside torch when
         # the interpreter exits aborts the process ("terminate called without an active exception"). A second
         # Ctrl-C must not cut the wait short: an interrupted join also marks the thread stopped, so the
-        # interpreter would not wait for it at exit either.
+        # interpreter would not wait for it at exit either. The CLI shields the wait; a Python caller's
+        # default handler raises KeyboardInterrupt in it, which is held until the pass has ended.
         with shielded():
+            _wait_through_interrupts(ended)
             thread.join()
+
+
+def _wait_through_interrupts(event: threading.Event) -> None:
+    """Wait until `event` is set, even across KeyboardInterrupts, and raise one afterwards if any came."""
+    interrupted = False
+    while not event.is_set():
+        try:
+            event.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt

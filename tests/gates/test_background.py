@@ -225,11 +225,14 @@ def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it():
+@pytest.mark.parametrize("handler", ["cli", "python default"])
+def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler):
     """The first Ctrl-C stops the merge; a second one that reaches the main thread while it waits for the gate
     pass to end must not cut that wait short: a thread left inside torch at exit aborts the process
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception"). Under the CLI's handler and under Python's default
+    one, which raises KeyboardInterrupt wherever the main thread is."""
     import signal
+    from contextlib import nullcontext
 
     from moemerge.interrupt import handling_sigint
 
@@ -243,7 +246,8 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it():
         time.sleep(0.2)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    with handling_sigint(), pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
+    sigint = handling_sigint() if handler == "cli" else nullcontext()
+    with sigint, pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
         threading.Thread(target=second_ctrl_c).start()
         raise KeyboardInterrupt  # the first Ctrl-C
     assert not _gate_threads(), "the merge stopped while its gate pass still ran"
