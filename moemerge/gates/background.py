@@ -77,8 +77,10 @@ def gates_in_background(compute: Callable[[Progress], GateResult], progress: Pro
         # interpreter would not wait for it at exit either. The CLI shields the wait; a Python caller's
         # default handler raises KeyboardInterrupt in it, which is held until the pass has ended.
         with shielded():
-            _wait_through_interrupts(ended)
-            thread.join()
+            try:
+                _wait_through_interrupts(ended)
+            finally:
+                thread.join()  # also after a held KeyboardInterrupt: `ended` is set before the thread has ended
 
 
 def _wait_through_interrupts(event: threading.Event) -> None:

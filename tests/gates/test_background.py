@@ -253,6 +253,37 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler
     assert not _gate_threads(), "the merge stopped while its gate pass still ran"
 
 
+def test_a_held_ctrl_c_still_joins_the_gate_thread():
+    """Under Python's default handler the held KeyboardInterrupt is raised once the pass has said it ended; the
+    thread may still be unwinding then (here: slowed on its way out), and leaving the block must still wait
+    for it to end, as it does without the second Ctrl-C."""
+    import signal
+
+    def slow_batches(progress):
+        advance = progress.task("hidden states", 10**9)
+        while True:
+            time.sleep(0.5)
+            advance(1)
+
+    def slow_exit(frame, event, arg) -> None:
+        if event == "return" and frame.f_code.co_name == "run" and threading.current_thread().name == "moemerge-gates":
+            time.sleep(0.5)
+
+    def second_ctrl_c() -> None:
+        time.sleep(0.2)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.setprofile(slow_exit)  # only threads started from here on: the gate thread
+    try:
+        with pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
+            threading.setprofile(None)
+            threading.Thread(target=second_ctrl_c).start()
+            raise KeyboardInterrupt  # the first Ctrl-C
+    finally:
+        threading.setprofile(None)
+    assert not _gate_threads(), "the gate thread still ran after the block was left"
+
+
 def test_a_merge_that_fails_while_trained_gates_are_fitted_stops_the_fit(tmp_path, monkeypatch):
     """Fitting a layer takes `training.steps` optimizer steps with no prompt batch between them: a merge that
     fails then must stop the fit at its next step, not after every step of the layer."""
