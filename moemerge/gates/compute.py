@@ -13,9 +13,9 @@ from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
-from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, token_counts
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
 from moemerge.gates.rows import router_rows, warn_parallel
-from moemerge.gates.trained import TrainingReport, prompts_within_budget, token_budget, train_gates
+from moemerge.gates.trained import TrainingReport, labelled_sample, token_budget, train_gates
 from moemerge.hf import load_tokenizer
 from moemerge.inputs.prompts import ExpertPrompts
 from moemerge.inputs.recipe import Recipe
@@ -81,10 +81,10 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
     """Fit the chosen layers; the others keep hidden-state gates from the same prompts."""
     spec = recipe.training
     budget = token_budget(ctx.hidden_size)
-    counts = token_counts(tokenizer, [text for text, _ in prompts.labelled], spec.max_tokens)
-    chosen = prompts_within_budget(counts, [label for _, label in prompts.labelled], budget, spec.seed, spec.holdout)
-    texts = [prompts.labelled[i][0] for i in chosen]
-    labels = [prompts.labelled[i][1] for i in chosen]
+    every_text, every_label = [text for text, _ in prompts.labelled], [label for _, label in prompts.labelled]
+    chosen = labelled_sample(tokenizer, every_text, every_label, spec, ctx.hidden_size)
+    texts = [every_text[i] for i in chosen]
+    labels = [every_label[i] for i in chosen]
     if len(chosen) < len(prompts.labelled):
         log.info(
             f"training: {len(chosen)} of {len(prompts.labelled)} labelled prompts fill the {budget}-token budget "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 MMAP_THRESHOLD = 4 * 2**20
 
 
+@functools.cache  # once per process: the setting is process-wide, and find_library runs ldconfig
 def _return_large_blocks_on_free() -> None:
     """Make glibc serve blocks of 4 MiB and more (layer weights, activations) from mmap, so that freeing them
     returns them to the system. By default the threshold rises with every larger block freed, up to 32 MiB;

@@ -32,8 +32,8 @@ import torch
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.layer_stream import _PassThrough
-from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches, token_counts
-from moemerge.gates.trained import fit_gates, prompts_within_budget, token_accuracy, token_budget
+from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches
+from moemerge.gates.trained import fit_gates, labelled_sample, token_accuracy
 from moemerge.hf import load_model, load_tokenizer
 from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
@@ -118,12 +118,9 @@ def tune_on_moe(
     model = load_model(folder, torch.float32)
     tokenizer = pad_ready(load_tokenizer(folder))
     texts, labels = [text for text, _ in labelled], [label for _, label in labelled]
-    budget = token_budget(model.config.hidden_size)
-    chosen = prompts_within_budget(
-        token_counts(tokenizer, texts, spec.max_tokens), labels, budget, spec.seed, spec.holdout
-    )
+    chosen = labelled_sample(tokenizer, texts, labels, spec, model.config.hidden_size)
     if len(chosen) < len(texts):
-        log.info(f"tuning on the MoE: {len(chosen)} of {len(texts)} labelled prompts fill the {budget}-token budget")
+        log.info(f"tuning on the MoE: {len(chosen)} of {len(texts)} labelled prompts fill the token budget")
         texts, labels = [texts[i] for i in chosen], [labels[i] for i in chosen]
     train, held = split_prompts(labels, spec.holdout, spec.seed)
     batches = prompt_batches(tokenizer, texts, spec.batch_size, spec.max_tokens)

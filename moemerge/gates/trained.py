@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from moemerge.gates.router_inputs import RouterInputs
+from moemerge.gates.router_inputs import RouterInputs, token_counts
 from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
 
@@ -150,6 +150,13 @@ def prompts_within_budget(
             chosen.append(members[j])
             used += count
     return sorted(chosen)
+
+
+def labelled_sample(tokenizer, texts: list[str], labels: list[int], spec: TrainingSpec, hidden: int) -> list[int]:
+    """The labelled prompts that fit one layer's token budget at this hidden size (prompts_within_budget), the
+    same for trained gates and for tuning on the MoE, since both hold their router inputs in that budget."""
+    counts = token_counts(tokenizer, texts, spec.max_tokens)
+    return prompts_within_budget(counts, labels, token_budget(hidden), spec.seed, spec.holdout)
 
 
 def _mean_over_layers(per_layer: list[list[float | None]]) -> list[float | None]:
