@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError, OptionError
 from moemerge.hub.push import PushFailed, check_push_target, push
+from moemerge.inputs.gate_modes import modes_help
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
 from moemerge.output.merge import MergeSummary, merge
@@ -119,7 +120,7 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks
     DEBUG["on"] = debug
 
 
-@app.command("merge")
+@app.command("merge", help=f"Merge RECIPE into the folder OUT.\n\nThe recipe's gate_mode: {modes_help()}.")
 def merge_command(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML (mergekit-moe format).")],
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --force.")],
@@ -140,7 +141,6 @@ def merge_command(
     revision: Annotated[str | None, typer.Option(help="Push to this branch (with --push-to-hub).")] = None,
     create_pr: Annotated[bool, typer.Option(help="Push as a pull request (with --push-to-hub).")] = False,
 ) -> None:
-    """Merge RECIPE into the folder OUT."""
     if push_to_hub is not None:  # a bad target or a missing token is refused before the merge, not after it
         check_push_target(push_to_hub, revision, create_pr)
     elif private or revision or create_pr:

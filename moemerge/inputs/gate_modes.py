@@ -11,11 +11,11 @@ from enum import Enum
 
 
 class Needs(Enum):
-    """What a gate mode needs from the recipe, checked when the recipe is read."""
+    """What a gate mode needs from the recipe, checked when the recipe is read; the value says it in help."""
 
     NOTHING = "nothing"
-    PROMPTS = "prompts"  # each expert's positive (or negative) prompts, inline, from files or dataset rows
-    DATASET = "dataset"  # a labelled dataset_csv (its rows also count as prompts)
+    PROMPTS = "each expert's prompts"  # positive (or negative), inline, from files or dataset rows
+    DATASET = "dataset_csv"  # a labelled dataset (its rows also count as prompts)
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ GATE_MODE_SPECS: dict[str, GateModeSpec] = {
     )
 }
 DEFAULT_GATE_MODE = "hidden"
+
+
+def modes_help() -> str:
+    """Every gate mode and what it needs, for the CLI's help."""
+    return "; ".join(f"{spec.name} needs {spec.needs.value}" for spec in GATE_MODE_SPECS.values())
 
 
 def mode_list() -> str:
