@@ -6,7 +6,8 @@ Plain torch + transformers, no transport: the HTTP server (tools/serve.py) and t
 error with the parameter at fault; the server turns it into OpenAI's 400 reply, chat into a red line.
 
 Routing, as reported in every reply (`routing` object):
-- prompt share of expert e: the fraction of (layer, prompt token) pairs whose router top-k includes e, over
+- prompt share of expert e: the fraction of (layer, prompt token) pairs whose router top-k includes e, over the
+  layers that route (`layers` counts them; a dense layer does not route, moemerge/tools/moe_layers.py) and
   every token the model reads (chat template and BOS included: the `usage.prompt_tokens` tokens);
 - completion share of expert e: the same over (layer, generated token) pairs, where a generated token's
   routing is that of the forward pass that produced it (the position before it: the last prompt token for the
@@ -37,6 +38,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from moemerge.errors import MoemergeError
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.reply_routing import ReplyRouting
 from moemerge.tools.request_routing import (
     Decision,
@@ -118,7 +120,8 @@ class Engine:
         self.routing = (routing or RequestRouting()).checked(names)  # the default for every request
         config = model.config
         self.top_k = config.num_experts_per_tok
-        self.layers = config.num_hidden_layers
+        self.moe = moe_layers(model)
+        self.layers = len(self.moe.routing)  # the layers that route: shares are over these
         self.context_length = int(config.max_position_embeddings)
         self.device = model.device
         # transformers 5 renamed past_key_values to cache and num_logits_to_keep to logits_to_keep
@@ -216,7 +219,7 @@ class Engine:
         ids, real = tokenize(self.tokenizer, plan.text or " ")
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(self.device), **{**self._forward_args, "use_cache": False})
-        logits = torch.stack([layer.float() for layer in out.router_logits])[:, real.to(self.device)]
+        logits = self.moe.routing_logits(out.router_logits).float()[:, real.to(self.device)]
         decision = decide(logits, settings.top_k, settings.mixing)
         return dataclasses.replace(decision, seconds=time.perf_counter() - started)
 
@@ -267,7 +270,7 @@ class Engine:
     def _step(self, inputs, cache, counts, params: SamplingParams, generator: torch.Generator) -> int:
         with torch.inference_mode():
             out = self.model(input_ids=inputs, **{self._cache_arg: cache}, **self._forward_args)
-            counts.add(out.router_logits, prompt=counts.prompt_tokens == 0)
+            counts.add(self.moe.routing_logits(out.router_logits), prompt=counts.prompt_tokens == 0)
             return _sample(out.logits[0, -1], params, generator)
 
 
