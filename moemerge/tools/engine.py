@@ -293,6 +293,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False  # the most likely token stays even where top_p rounds to 0 in float32 (1e-50)
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

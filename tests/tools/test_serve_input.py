@@ -59,3 +59,11 @@ def test_paired_surrogates_are_real_text(client):
     body = '{"prompt": "ab \\ud83d\\ude00", "max_tokens": 2}'
     reply = client.post("/v1/completions", content=body.encode(), headers={"content-type": "application/json"})
     assert reply.status_code == 200, reply.text
+
+
+def test_top_p_below_float32_resolution_keeps_the_most_likely_token(client):
+    """top_p 1e-50 is in OpenAI's range; nucleus sampling then keeps only the most likely token: greedy decoding."""
+    sampled = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4, "top_p": 1e-50, "seed": 3})
+    greedy = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 4, "temperature": 0})
+    assert sampled.status_code == 200, sampled.text
+    assert sampled.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
