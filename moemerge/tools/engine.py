@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
 from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.reply_routing import ReplyRouting
 from moemerge.tools.request_routing import (
@@ -56,6 +56,20 @@ FALLBACK_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the sampling seeds torch.Generator.manual_seed takes
+
+
+def check_seed(seed: int | None) -> None:
+    """Refuses a sampling seed torch's generator cannot take, naming the option (before a model is loaded)."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise OptionError(
+            "{seed} {value}: a sampling seed is a whole number from {low} to {high}",
+            value=seed,
+            low=SEED_RANGE[0],
+            high=SEED_RANGE[1],
+        )
 
 
 class RequestRefused(MoemergeError):

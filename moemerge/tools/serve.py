@@ -298,6 +298,8 @@ def _uvicorn_server(config, server: Server):
 
 
 def _check_can_listen(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise OptionError("{port} {number}: a TCP port is a number from 1 to 65535", number=port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
