@@ -58,6 +58,9 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+# A prompt longer than this many characters per token of context is refused before it is tokenized (which takes
+# seconds for megabytes): an average token of real text is a few characters, so such a prompt cannot fit.
+CHARS_PER_TOKEN = 32
 SEED_RANGE = (-(2**63), 2**64 - 1)  # the sampling seeds torch.Generator.manual_seed takes
 
 
@@ -161,8 +164,24 @@ class Engine:
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt (or messages' content, all together) that is tokenized, in characters."""
+        return CHARS_PER_TOKEN * self.context_length
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise RequestRefused(
+                f"Your {param} holds {chars} characters; this server tokenizes at most {self.max_prompt_chars} "
+                f"({CHARS_PER_TOKEN} per token of the model's {self.context_length}-token context). "
+                f"Please reduce the length of the {param}.",
+                param,
+                "context_length_exceeded",
+            )
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The tokenizer's chat template (or FALLBACK_CHAT_TEMPLATE), with a generation prompt, as token ids."""
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
         try:
             text = self.tokenizer.apply_chat_template(
@@ -174,6 +193,7 @@ class Engine:
 
     def text_ids(self, prompt: str) -> list[int]:
         """A raw prompt, with the special tokens the tokenizer adds (BOS), as vLLM does for /v1/completions."""
+        self._check_chars(len(prompt), "prompt")
         return self.tokenizer(prompt)["input_ids"]
 
     def params(self, **given: Any) -> SamplingParams:
@@ -212,10 +232,16 @@ class Engine:
         """The engine's routing with a request's `routing` fields over it; naming experts implies request mode
         and a top_k of their number."""
         given = {k: v for k, v in (given or {}).items() if v is not None}
+        implied: dict[str, Any] = {}  # what naming experts implies; errors name only fields the request sent
         if "experts" in given:
-            given = {"mode": "request", "top_k": len(given["experts"]), **given, "experts": tuple(given["experts"])}
-        settings = dataclasses.replace(self.routing, **given)
+            given["experts"] = tuple(given["experts"])
+            implied = {"mode": "request", "top_k": len(given["experts"])}
+        settings = dataclasses.replace(self.routing, **{**implied, **given})
         try:
+            if given.get("experts") == ():
+                raise RoutingSettingsError(
+                    "an empty list forces no expert; name one or more, or leave it out", "experts"
+                )
             if settings.mode == "token" and {"top_k", "mixing"} & set(given):
                 raise RoutingSettingsError("top_k and mixing are for request routing; add mode request", "mode")
             return settings.checked(self.names)
