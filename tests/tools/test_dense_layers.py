@@ -17,9 +17,11 @@ import torch
 from support.paths import CLI
 from support.tiny_models import input_ids, load_model, logits_of, make_base, make_expert, write_recipe
 
+from moemerge.errors import MoemergeError
 from moemerge.output.merge import MergeOptions, merge
 from moemerge.tools.engine import Engine
 from moemerge.tools.evaluate import evaluate
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import Decision, RequestRouting, RoutingPlan, restricted
 from moemerge.tools.routing import load_moe
 
@@ -130,3 +132,14 @@ def test_forcing_one_expert_with_a_shared_expert_gives_the_dense_expert(shared):
             got = logits_of(model, ids)
         assert (got - logits_of(load_model(expert), ids)).abs().max() <= 1e-5, index
     assert torch.equal(logits_of(model, ids), token_routed)  # the shared expert is back after the block
+
+
+def test_a_model_in_which_no_layer_routes_is_refused_in_one_line(dense):
+    out, _ = dense
+    model, _, _ = load_moe(out, CPU)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.zero_()
+    with pytest.raises(MoemergeError, match="no layer routes"):
+        moe_layers(model)
