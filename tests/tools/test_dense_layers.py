@@ -143,3 +143,27 @@ def test_a_model_in_which_no_layer_routes_is_refused_in_one_line(dense):
                 layer.mlp.gate.weight.zero_()
     with pytest.raises(MoemergeError, match="no layer routes"):
         moe_layers(model)
+
+
+class _MeanMlp(torch.nn.Module):
+    """The mean of two MLPs' outputs: a dense layer of two experts mixed with weights 1/2 each."""
+
+    def __init__(self, first: torch.nn.Module, second: torch.nn.Module) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * self.first(x) + 0.5 * self.second(x)
+
+
+def test_fixed_mixing_with_a_shared_expert_is_the_mean_of_the_chosen_experts(shared):
+    out, experts = shared
+    model, _, _ = load_moe(out, CPU)
+    ids = input_ids()
+    with restricted(model, Decision.forced([0, 2], mixing="fixed")):
+        got = logits_of(model, ids)
+    reference = load_model(experts[0])
+    other = load_model(experts[2])
+    for layer, donor in zip(reference.model.layers, other.model.layers, strict=True):
+        layer.mlp = _MeanMlp(layer.mlp, donor.mlp)
+    assert (got - logits_of(reference, ids)).abs().max() <= 1e-5
