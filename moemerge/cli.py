@@ -217,6 +217,7 @@ def route_command(
                 "tokens": r.logits.shape[1],
                 "shares": dict(zip(names, r.shares().tolist(), strict=True)),
                 "top_expert": names[int(r.shares().argmax())],
+                "layers": list(r.layers),
                 "layer_top_expert": [names[int(i)] for i in r.layer_top1()],
                 "layer_shares": r.layer_shares().tolist(),
                 "request": {"top_k": request_top_k, "chosen": chosen},
@@ -228,7 +229,7 @@ def route_command(
     top_k = model.config.num_experts_per_tok
     table = Table(title=f"routing (top-{top_k}); layer strip: most tokens' first-choice expert")
     table.add_column("prompt", max_width=40, overflow="ellipsis", no_wrap=True)
-    table.add_column("layers 0→" + str(model.config.num_hidden_layers - 1))
+    table.add_column("layers " + " ".join(map(str, results[0][1].layers)))
     for name in names:
         table.add_column(name, justify="right")
     table.add_column(f"request top-{request_top_k}")
@@ -286,7 +287,7 @@ def eval_command(
     console = Console()
     console.print(table)
     strip = " ".join(f"{a:.2f}" for a in result.layer_accuracy)
-    console.print(f"per layer: {strip}")
+    console.print(f"per layer ({' '.join(map(str, result.layers))}): {strip}")
     console.print(
         f"request accuracy: share of texts whose request-level decision (top-{request_top_k}, mean router "
         "probability over the text) puts their label first"
