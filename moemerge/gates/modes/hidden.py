@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from moemerge.gates.hidden import hidden_prototypes
@@ -9,8 +11,13 @@ from moemerge.gates.modes.mode import GateContext, GateMode, GateResult
 from moemerge.gates.rows import router_rows, warn_parallel
 from moemerge.inputs.gate_modes import GATE_MODE_SPECS
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def prompt_rows(ctx: GateContext, tokenizer, positive: list[list[str]], negative: list[list[str]]) -> torch.Tensor:
+
+def prompt_rows(
+    ctx: GateContext, tokenizer: PreTrainedTokenizerBase, positive: list[list[str]], negative: list[list[str]]
+) -> torch.Tensor:
     """Router rows [layers, experts, hidden] from each expert's positive and negative prompts; a progress step
     of its own, since the merge's cancellation is checked at every batch (moemerge.gates.background)."""
     total = sum(len(group) for group in (*positive, *negative)) * ctx.num_layers

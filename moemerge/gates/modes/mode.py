@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from moemerge.inputs.prompts import ExpertPrompts
 from moemerge.inputs.recipe import Recipe
 from moemerge.inputs.sources import ModelSource
 from moemerge.progress import Progress
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -46,7 +50,7 @@ class GateContext:
     batch_size: int
     progress: Progress
 
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The base's tokenizer, ready to pad batches."""
         return pad_ready(load_tokenizer(self.base.path))
 
