@@ -234,7 +234,7 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler
     import signal
     from contextlib import nullcontext
 
-    from moemerge.interrupt import handling_sigint
+    from moemerge.interrupt import handling_signals
 
     def slow_batches(progress):
         advance = progress.task("hidden states", 10**9)
@@ -246,7 +246,7 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler
         time.sleep(0.2)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    sigint = handling_sigint() if handler == "cli" else nullcontext()
+    sigint = handling_signals() if handler == "cli" else nullcontext()
     with sigint, pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
         threading.Thread(target=second_ctrl_c).start()
         raise KeyboardInterrupt  # the first Ctrl-C
