@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moemerge.errors import MoemergeError
 from moemerge.gates.cheap_embed import embedding_prototypes
 from moemerge.gates.hidden import hidden_prototypes
 from moemerge.gates.random_gates import random_gates
@@ -90,10 +89,8 @@ def _trained(ctx: GateContext, recipe: Recipe, tokenizer, prompts: ExpertPrompts
             f"training: {len(chosen)} of {len(prompts.labelled)} labelled prompts fill the {budget}-token budget "
             "per layer; only those run through the base"
         )
-    layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
-    bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
-    if bad:
-        raise MoemergeError(f"training.layers: layer {bad[0]} does not exist; the base has {ctx.num_layers} layers")
+    # checked by open_inputs: they exist and have routers; by default every layer with a router
+    layers = spec.layers or recipe.moe_layers or list(range(ctx.num_layers))
     options = _capture_options(ctx, spec.batch_size)
     inputs = RouterInputs(ctx.base, tokenizer, texts, options, spec.max_tokens)
     advance = ctx.progress.task(f"router inputs on {ctx.device.type}", len(texts) * (max(layers) + 1))
