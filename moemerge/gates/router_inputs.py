@@ -31,12 +31,19 @@ if TYPE_CHECKING:
 # CPU (about 2x faster capture at 256 short prompts per batch than at 16 on the 1b base), and this cap keeps
 # long prompts from making a batch's activations large whatever batch_size allows.
 BATCH_TOKENS = 4096
+PAD = "<moemerge-pad>"  # a pad token for a tokenizer that has none to lend (pad_ready)
 
 
 def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Batching needs a pad token; set one on this in-memory copy only, never on what we save."""
+    """Batching needs a pad token; set one on this in-memory copy only, never on what we save. A tokenizer
+    with no pad, eos or unk token gets a new one: its id may lie past the embedding, so `prompt_batches`
+    writes 0 at padded positions (which no real token sees), and no token that text can hold becomes special."""
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+        else:
+            tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -111,7 +118,8 @@ def prompt_batches(
         attention = batch["attention_mask"].bool()
         real = attention & ~batch["special_tokens_mask"].bool()
         real = torch.where(real.any(dim=1, keepdim=True), real, attention)
-        batches.append(PromptBatch(chosen, batch["input_ids"], batch["attention_mask"], real))
+        ids = batch["input_ids"].masked_fill(~attention, 0)  # right padding under causal attention: never seen
+        batches.append(PromptBatch(chosen, ids, batch["attention_mask"], real))
     return batches
 
 
