@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
 import secrets
@@ -12,13 +11,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from moemerge.errors import MoemergeError, OptionError
+from moemerge.errors import NO_ROOM, MoemergeError, OptionError
 from moemerge.interrupt import interrupted, shielded
 
 PARTIAL_TAG = "moemerge-partial"
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
-_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def output_folder(out: Path) -> Path:
@@ -153,7 +151,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
                     folder.rmdir()
                 except OSError:
                     break  # no longer empty: something else now lives there
-        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # the OS names the source a copy came from
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:  # the OS names the source a copy came from
             raise MoemergeError(f"could not write {out}: {exc.strerror}; free disk space or write elsewhere") from None
         raise
     finally:
