@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moemerge.errors import MoemergeError
 from moemerge.gates.activations import DEFAULT_BUDGET, Activations
 from moemerge.gates.layer_stream import LayerStack
 from moemerge.inputs.sources import ModelSource
@@ -191,8 +192,21 @@ class RouterInputs:
                     if not last:
                         hidden[i] = out
                     tokens = seen.pop()[batch.real.to(out.device)].float()
+                    if not torch.isfinite(tokens).all():
+                        raise MoemergeError(_overflow(layer, self.options.dtype))
                     if on_batch:
                         on_batch(len(batch.prompts))
                     yield i, tokens if kept is None else tokens[kept[i]]
             finally:
                 hook.remove()
+
+
+def _overflow(layer: int, dtype: torch.dtype) -> str:
+    """Finite weights can still compute hidden states beyond the dtype's range: then no gate can be fitted on them
+    (the solve would fail on infinities), so say where and what to try."""
+    name = str(dtype).removeprefix("torch.")
+    remedy = "gate_mode random sets routers without running the base" if dtype == torch.float32 else "try dtype float32"
+    return (
+        f"base_model: the router inputs of layer {layer} are not finite: the base's hidden states overflow {name} on "
+        f"the prompts (its weights are finite); {remedy}"
+    )

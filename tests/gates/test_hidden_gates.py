@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from support.tiny_models import VOCAB, make_base, make_expert, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
+from moemerge.errors import MoemergeError
 from moemerge.gates.hidden import SHRINKAGE, LayerPool, _discriminant
 from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
 from moemerge.inputs.sources import ModelSource
@@ -189,3 +191,20 @@ def test_padding_ids_are_rows_of_the_embedding():
     batches = prompt_batches(pad_ready(tiny_tokenizer(eos_and_unk=False)), ["ab", "abcdef", "a"], 3, None)
     assert batches[0].attention_mask.min() == 0  # padded
     assert max(int(b.input_ids.max()) for b in batches) < len(VOCAB)
+
+
+def test_hidden_states_that_overflow_float32_are_refused_naming_the_layer(tmp_path):
+    """Finite weights (layer 1's down_proj scaled to ~1e37) whose output is beyond float32: one line that
+    says where, not a failed Cholesky factorisation, and no output."""
+    base = make_base(tmp_path / "base")
+    weights = base / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.1.mlp.down_proj.weight"] *= 1e38
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    specs = [{"source_model": str(base), "positive_prompts": group} for group in PROMPTS]
+    recipe = write_recipe(tmp_path / "r.yaml", base, specs)
+    with pytest.raises(MoemergeError, match=r"layer 2 are not finite: the base's hidden states overflow float32") as e:
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "r.yaml"]
