@@ -133,6 +133,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     partial, lock = _new_partial(out)
     try:
         yield partial
+        _fsync_tree(partial)
         if interrupted():
             raise KeyboardInterrupt
         if out.exists():
@@ -142,7 +143,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
             _remove(partial)  # now the old OUT
         else:
             partial.rename(out)
-        _fsync_dir(out.parent)
+        _fsync(out.parent)  # the rename itself
     except BaseException as exc:
         with shielded():
             _remove(partial)
@@ -175,8 +176,19 @@ def _exchange(new: Path, old: Path) -> None:
     aside.rename(new)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder of the output to disk before the rename makes it OUT: after a power loss,
+    OUT is then whole, not files that a later step rewrote in place (tune_on_moe's routers) or wrote last (the
+    JSON records, the digests among them) still holding stale or no bytes under a name that says done. The
+    shards were flushed as they were written, so this waits mostly for the small files."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # a folder's entries before the folder
+        if not path.is_symlink():
+            _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

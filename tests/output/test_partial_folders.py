@@ -68,3 +68,31 @@ def test_the_output_folder_has_the_usual_mode(tmp_path):
     with staged_output(out, force=False):
         pass
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_every_file_and_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    """After a power loss OUT must not name files whose bytes never reached the disk: a file rewritten in place
+    after it was written (tune_on_moe's routers), the JSON records. Each is fsynced before the rename."""
+    out = tmp_path / "out"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, Path.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(self, target):
+        events.append(("rename", str(self)))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    with staged_output(out, force=False) as partial:
+        (partial / "model-00001-of-00001.safetensors").write_bytes(b"routers rewritten in place")
+        (partial / "sub").mkdir()
+        (partial / "sub" / "moemerge.json").write_text("{}")
+        events.clear()  # what the merge wrote is done; from here on, staging's work
+    renamed = events.index(("rename", str(partial)))
+    flushed = {path for kind, path in events[:renamed] if kind == "fsync"}
+    want = {str(partial / name) for name in ("model-00001-of-00001.safetensors", "sub/moemerge.json", "sub", "")}
+    assert {str(Path(p)) for p in want} <= flushed, events
