@@ -79,8 +79,8 @@ def clean_stale_partials(out: Path) -> list[Path]:
             continue  # not made by a merge
         try:
             fd = _lock(leftover)
-        except FileNotFoundError:
-            continue  # another merge removed it first
+        except OSError:
+            continue  # another merge removed it first, or it is not ours to open
         if fd is None:
             continue  # a merge is writing into it
         try:
