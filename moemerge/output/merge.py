@@ -92,7 +92,8 @@ def _tuning_prompts(recipe: Recipe, labelled: list[tuple[str, int]], positive: l
 def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateResult]) -> Callable[[int], None]:
     """The writing's progress, which stops the writing at the next tensor once the gate pass has refused its
     input (hidden states that overflow, no room for the activation spill): otherwise that error comes at the
-    routers, after every shard. Other gate errors still wait for the routers, so that a bad source tensor is named by the writer first."""
+    routers, after every shard. Other gate errors still wait for the routers, so that a bad source tensor is
+    named by the writer first."""
 
     def checked(units: int) -> None:
         if pending.done() and isinstance(error := pending.exception(), MoemergeError):
