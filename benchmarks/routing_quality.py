@@ -24,7 +24,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -298,7 +298,7 @@ def main() -> None:
 def write(args: argparse.Namespace, oracle: list[float], rows: list[dict], runs: list[dict]) -> None:
     """The JSON of every run so far and the markdown table made from them, headed by command, date, machine."""
     invocation = "python benchmarks/routing_quality.py " + " ".join(sys.argv[1:])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
         result = {"invocation": invocation, "date": date, "machine": machine(), "domains": DOMAINS}
         args.json.write_text(json.dumps({**result, "oracle": oracle, "rows": rows, "runs": runs}, indent=2) + "\n")

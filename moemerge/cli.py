@@ -30,7 +30,7 @@ from moemerge.errors import MoemergeError, OptionError
 from moemerge.hub.push import PushFailed, check_push_target, push
 from moemerge.inputs.gate_modes import modes_help
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
-from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
+from moemerge.interrupt import EXIT_CODE, exit_code, handling_signals, interrupted, stopped_line
 from moemerge.output.merge import MergeSummary, merge
 from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
@@ -383,7 +383,7 @@ def _with_default_verb(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    with handling_sigint():  # first: a Ctrl-C from here on ends in one line and exit 130
+    with handling_signals():  # first: a Ctrl-C (SIGTERM, SIGHUP) from here on ends in one line and exit 130 (143, 129)
         logging.basicConfig(
             level=logging.WARNING,
             format="%(message)s",
@@ -394,8 +394,8 @@ def main() -> None:
         except KeyboardInterrupt:
             code = EXIT_CODE
         if code == EXIT_CODE or interrupted():  # typer turns Ctrl-C into 130; one swallowed elsewhere sets the flag
-            err.print(STOPPED, style="red", highlight=False)
-            sys.exit(EXIT_CODE)
+            err.print(stopped_line(), style="red", highlight=False)
+            sys.exit(exit_code())
         if isinstance(code, int) and code:
             sys.exit(code)
 
@@ -425,6 +425,6 @@ def _run(argv: list[str]) -> int | None:
 def _fail(line: str, code: int) -> int:
     """Print the error line, unless a Ctrl-C caused the error: then the interruption is the one line."""
     if interrupted():
-        return EXIT_CODE
+        return exit_code()
     err.print(line, soft_wrap=True, highlight=False)
     return code

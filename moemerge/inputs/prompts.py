@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,12 @@ def read_prompt_file(path: Path, key: str) -> list[str]:
 
 def read_dataset_csv(path: Path, names: list[str]) -> list[tuple[str, int]]:
     """`prompt,expert` rows; expert is a 0-based index or a name. Quoted prompts may span lines."""
+    limit = csv.field_size_limit()
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte order mark is not a column
+            # The csv module refuses fields over 131,072 characters; no field is longer than the file, so that
+            # bound (for this read only: the limit is process-wide) lets long prompts through.
+            csv.field_size_limit(max(limit, os.fstat(handle.fileno()).st_size + 1))
             reader = csv.DictReader(handle)
             missing = {"prompt", "expert"} - set(reader.fieldnames or [])
             if missing:
@@ -73,6 +78,8 @@ def read_dataset_csv(path: Path, names: list[str]) -> list[tuple[str, int]]:
         raise MoemergeError(f"{path}: not UTF-8 text") from None
     except csv.Error as exc:
         raise MoemergeError(f"{path}: malformed CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     labelled = []
     for number, row in enumerate(rows, start=2):
         prompt, expert = (row.get("prompt") or ""), (row.get("expert") or "").strip()

@@ -90,6 +90,16 @@ class TrainingSpec(BaseModel):
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (gates/on_moe.py)
 
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value == []:
+            raise ValueError("names no layer; list the layers to train, e.g. [8, 9, 10], or leave it out to train all")
+        repeated = sorted({layer for layer in value or () if value.count(layer) > 1})
+        if repeated:
+            raise ValueError(f"lists layer {repeated[0]} more than once; list each layer once, e.g. [8, 9, 10]")
+        return value
+
 
 class Recipe(BaseModel):
     """A whole merge: base model, experts, and how the routers are set."""

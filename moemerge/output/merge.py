@@ -60,20 +60,41 @@ def _layout(recipe: Recipe, inputs: Inputs, dtype_name: str) -> MoeLayout:
 
 
 def _tuning_prompts(recipe: Recipe, labelled: list[tuple[str, int]], positive: list[list[str]]) -> list:
-    """The labelled prompts that tune routers on the MoE: the dataset's, else each expert's positive prompts."""
-    prompts = labelled or [(text, e) for e, group in enumerate(positive) for text in group]
-    if recipe.training.tune_on_moe and len({label for _, label in prompts}) < 2:
+    """The labelled prompts that tune routers on the MoE: the dataset's rows, and each expert's positive prompts
+    where the dataset has no rows of it. An expert with no prompt at all would be tuned never to be chosen (and
+    held-out accuracy, measured without it, would not show it), so it is refused before any work."""
+    covered = {label for _, label in labelled}
+    prompts = list(labelled)
+    for e, group in enumerate(positive):
+        if e not in covered:
+            prompts += [(text, e) for text in group]
+    if not recipe.training.tune_on_moe:
+        return prompts
+    names, found = recipe.expert_names(), {label for _, label in prompts}
+    if len(found) < 2:
         raise MoemergeError(
             "training.tune_on_moe: routers are tuned on labelled prompts of at least two experts; give the experts "
             "positive_prompts or a dataset_csv"
         )
+    for e in range(len(positive)):
+        if e not in found:
+            raise MoemergeError(
+                f"training.tune_on_moe: experts[{e}] ({names[e]}) has no positive prompts or dataset rows to tune "
+                "on, so tuning would learn never to route to it; give it positive_prompts"
+            )
+        if labelled and e not in covered:
+            log.warning(
+                f"training.tune_on_moe: experts[{e}] ({names[e]}) has no rows in {Path(recipe.dataset_csv).name}; "
+                "its positive prompts stand in for them, so that tuning does not learn never to route to it"
+            )
     return prompts
 
 
 def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateResult]) -> Callable[[int], None]:
     """The writing's progress, which stops the writing at the next tensor once the gate pass has refused its
-    input (training.layers, the base's tokenizer): otherwise that error comes at the routers, after every shard.
-    Other gate errors still wait for the routers, so that a bad source tensor is named by the writer first."""
+    input (hidden states that overflow, no room for the activation spill): otherwise that error comes at the
+    routers, after every shard. Other gate errors still wait for the routers, so that a bad source tensor is
+    named by the writer first."""
 
     def checked(units: int) -> None:
         if pending.done() and isinstance(error := pending.exception(), MoemergeError):

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from moemerge.interrupt import Stopped
 from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused, check_seed
 from moemerge.tools.request_routing import RequestRouting, RoutingPlan, decision_text
 from moemerge.tools.routing import EXPERT_COLORS
@@ -123,8 +124,10 @@ def _stream_answer(
                 console.file.flush()
             else:
                 final = event
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         steps.close()
+        if isinstance(exc, Stopped):  # SIGTERM/SIGHUP end the chat, not just this answer
+            raise
         console.print(" [dim](stopped)[/dim]", end="")
     console.print()
     return "".join(pieces), final

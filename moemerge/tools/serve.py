@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import time
 import uuid
@@ -407,9 +408,12 @@ def serve(
         template,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    server = _uvicorn_server(config, app.state.server)
+    hangup = signal.signal(signal.SIGHUP, server.handle_exit)  # a closed terminal: as SIGTERM (uvicorn's are those two)
     try:
-        _uvicorn_server(config, app.state.server).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down gracefully
         pass
     finally:
+        signal.signal(signal.SIGHUP, hangup)
         app.state.server.executor.shutdown(wait=True, cancel_futures=True)

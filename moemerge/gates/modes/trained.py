@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import torch
 
-from moemerge.errors import MoemergeError
 from moemerge.gates.modes.hidden import prompt_rows
 from moemerge.gates.modes.mode import GateContext, GateMode, GateResult
 from moemerge.gates.router_inputs import RouterInputs
@@ -33,10 +32,8 @@ def fit_labelled(ctx: GateContext, texts: list[str], labels: list[int], own_prom
             f"training: {len(chosen)} of {len(texts)} labelled prompts fill the {budget}-token budget "
             "per layer; only those run through the base"
         )
-    layers = spec.layers if spec.layers is not None else list(range(ctx.num_layers))
-    bad = [layer for layer in layers if not 0 <= layer < ctx.num_layers]
-    if bad:
-        raise MoemergeError(f"training.layers: layer {bad[0]} does not exist; the base has {ctx.num_layers} layers")
+    # checked by open_inputs: they exist and have routers; by default every layer with a router
+    layers = spec.layers or recipe.moe_layers or list(range(ctx.num_layers))
     inputs = RouterInputs(
         ctx.base, tokenizer, [texts[i] for i in chosen], ctx.capture_options(spec.batch_size), spec.max_tokens
     )
