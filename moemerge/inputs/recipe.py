@@ -89,7 +89,7 @@ class TrainingSpec(BaseModel):
     holdout: float = Field(default=0.2, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     layers: list[Annotated[int, Field(ge=0)]] | None = None
-    tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (gates/on_moe.py)
+    tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (output/on_moe.py)
 
 
 class Recipe(BaseModel):

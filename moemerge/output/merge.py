@@ -15,12 +15,13 @@ from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
+from moemerge.formats.structure import check_structure
 from moemerge.gates.background import gates_in_background
 from moemerge.gates.compute import GateContext, GateResult, compute_gates
-from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
 from moemerge.inputs.prompts import gather_prompts
 from moemerge.inputs.recipe import Recipe, load_recipe
+from moemerge.output.on_moe import tune_on_moe
 from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
 from moemerge.output.options import MergeOptions
 from moemerge.output.plan import build_plan, check_plan
@@ -29,7 +30,6 @@ from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
 from moemerge.output.writer import PlannedTensor, write_json, write_shards
 from moemerge.progress import Progress, Silent
-from moemerge.tools.verify import check_structure
 
 log = logging.getLogger("moemerge")
 TUNING_REPORT = "router_tuning.json"
