@@ -28,7 +28,7 @@ from moemerge.output.plan import build_plan, check_plan
 from moemerge.output.records import Made, write_records
 from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
-from moemerge.output.writer import PlannedTensor, write_json, write_shards
+from moemerge.output.writer import PlannedTensor, rewrite_tensors, write_json, write_shards
 from moemerge.progress import Progress, Silent
 
 log = logging.getLogger("moemerge")
@@ -139,7 +139,7 @@ def merge(
             sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
             tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
-            digests |= tuned.shard_sha256
+            digests |= rewrite_tensors(partial, tuned.routers)
         total = sum(t.numel for t in plan)
         per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
         active = total - per_expert * (len(experts) - recipe.experts_per_token)
