@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover
 
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError, OptionError
+from moemerge.formats import FORMATS
 from moemerge.hub.push import PushFailed, check_push_target, push
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
 from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
@@ -40,7 +41,8 @@ from moemerge.tools.verify import verify
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from a base model and experts.",
+    help=f"Build a mixture-of-experts model ({', '.join(f.title for f in FORMATS.values())}) from a base model and "
+    "experts.",
 )
 err = Console(stderr=True)
 DEBUG = {"on": False}

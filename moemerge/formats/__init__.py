@@ -18,29 +18,31 @@ FORMATS: dict[str, OutputFormat] = {f.name: f for f in (Mixtral(), Qwen2Moe(), Q
 
 
 def choose_format(
-    requested: str | None, family: InputFamily, base_config: dict[str, Any], shared_expert: bool
+    requested: str | None, family: InputFamily, base_config: dict[str, Any], shared_experts: int
 ) -> OutputFormat:
-    """The recipe's format if it can hold this base (and shared expert), else a one-line reason why not."""
+    """The recipe's format if it can hold this base (and its shared experts), else a one-line reason why not.
+    Without a requested format, the base's default, or the first format that holds the shared experts."""
     name = requested or family.default_output
-    switched = requested is None and shared_expert and not FORMATS[name].holds_shared_expert
+    holders = [f.name for f in FORMATS.values() if f.shared_experts >= shared_experts]
+    switched = requested is None and name not in holders
     if switched:
-        name = "qwen2_moe"  # the one format with a shared expert
+        name = next((h for h in holders if not FORMATS[h].refusal(family, base_config)), holders[0])
     output = FORMATS[name]
     reason = output.refusal(family, base_config)
     if reason and switched:  # the format was not the user's choice, so its advice would go in a circle
         raise MoemergeError(
-            f"shared_experts: only qwen2_moe holds a shared expert, and a {family.name} base cannot become "
-            f"qwen2_moe: {reason.split('; use architecture')[0]}; remove shared_experts"
+            f"shared_experts: only {' and '.join(holders)} hold{'s' * (len(holders) == 1)} a shared expert, and a "
+            f"{family.name} base cannot become {name}: {reason.split('; use architecture')[0]}; remove shared_experts"
         )
     if reason:
         key = "architecture" if requested else "base_model"
         raise MoemergeError(f"{key}: a {family.name} base cannot become {name}: {reason}")
     if switched:
-        log.info(
-            f"shared_experts: writing qwen2_moe, the format with a shared expert, instead of {family.default_output}"
+        log.info(f"shared_experts: writing {name}, the format with a shared expert, instead of {family.default_output}")
+    if name not in holders:
+        raise MoemergeError(
+            f"shared_experts: {name} has no shared expert; use architecture: {' or '.join(holders)} or remove it"
         )
-    if shared_expert and not output.holds_shared_expert:
-        raise MoemergeError(f"shared_experts: {name} has no shared expert; use architecture: qwen2_moe or remove it")
     return output
 
 

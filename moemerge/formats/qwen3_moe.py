@@ -15,6 +15,7 @@ _NO_QK_NORM = (
 
 class Qwen3Moe(QwenMoeLayout):
     name = "qwen3_moe"
+    title = "Qwen3-MoE"
     model_type = "qwen3_moe"
     class_name = "Qwen3MoeForCausalLM"
     refused_families = {

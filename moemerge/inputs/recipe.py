@@ -228,7 +228,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "literal_error" and loc[-1] == "gate_mode":
         message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random, uniform_random or trained"
     if error["type"] == "too_long" and loc[-1] == "shared_experts":
-        message = "at most one shared expert: the Qwen2-MoE format holds one per layer"
+        message = "at most one shared expert: moemerge writes one beside the routed experts of each layer"
     return f"{path}: {message}" if path else message
 
 

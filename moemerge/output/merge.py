@@ -24,7 +24,7 @@ from moemerge.inputs.recipe import Recipe, load_recipe
 from moemerge.output.on_moe import tune_on_moe
 from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
 from moemerge.output.options import MergeOptions
-from moemerge.output.plan import build_plan, check_plan
+from moemerge.output.plan import build_plan, check_plan, parameter_counts
 from moemerge.output.records import Made, write_records
 from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
@@ -140,9 +140,7 @@ def merge(
             tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= rewrite_tensors(partial, tuned.routers)
-        total = sum(t.numel for t in plan)
-        per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
-        active = total - per_expert * (len(experts) - recipe.experts_per_token)
+        total, active = parameter_counts(plan, output, shape.num_layers, len(experts), recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
             recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active

@@ -56,12 +56,6 @@ class TuningReport:
         return {key: value for key, value in asdict(self).items() if key != "routers"}
 
 
-def _router(layer: torch.nn.Module) -> torch.nn.Module:
-    """The router module: `block_sparse_moe.gate` in transformers 4's Mixtral, `mlp.gate` elsewhere."""
-    moe = getattr(layer, "block_sparse_moe", None) or layer.mlp
-    return moe.gate
-
-
 @contextmanager
 def _alone(model: torch.nn.Module, layer: int) -> Iterator[torch.nn.Module]:
     """The decoder stack with every layer but `layer` passed through and no final norm: called on layer
@@ -134,7 +128,7 @@ def tune_on_moe(
         if layer not in sparse_layers:
             hidden = outputs
             continue
-        router = _router(model.model.layers[layer])
+        router = output.moe_block(model, layer).gate
         current = router.weight.detach().float()[None]
         fitted = fit_gates(features[None, in_train], token_labels[in_train], num_experts, spec)
         before = token_accuracy(current, features[None, scored], token_labels[scored], num_experts)[0][0]

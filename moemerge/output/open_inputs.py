@@ -89,7 +89,7 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
     shape = dense_shape(base)
     check_tensor_names(base, shape)
     has_shared = bool(recipe.shared_experts)
-    output = choose_format(recipe.architecture, shape.family, base.config, has_shared)
+    output = choose_format(recipe.architecture, shape.family, base.config, len(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     averaged = recipe.non_expert_weights == "average"
     routed_scale = output.routed_scale(has_shared)

@@ -38,12 +38,14 @@ def _filled(name: str, shape: tuple[int, ...], dtype: torch.dtype, value: float,
 def _shared_expert(
     output: OutputFormat, shared: Expert | None, base: ModelSource, shape: DenseShape, layer: int, dtype: torch.dtype
 ) -> list[PlannedTensor]:
-    """The shared expert's MLP and its gate, a tiny constant: a weight of about 0.5 (see formats.qwen2_moe).
-    Without a shared expert the MLP is all zeros, so it adds nothing."""
+    """The shared expert's MLP, and its gate where the format has one: a tiny constant, so that the shared
+    expert's weight is a fixed one (the format's module says which). Without a shared expert the MLP is all
+    zeros, so it adds nothing."""
     hidden = shape.hidden_size
-    planned = [
-        _filled(output.shared_gate_name(layer), (1, hidden), dtype, output.shared_gate_fill, "shared expert gate")
-    ]
+    planned = []
+    if output.gating.shared_expert_gate:
+        fill = output.shared_gate_fill
+        planned.append(_filled(output.shared_gate_name(layer), (1, hidden), dtype, fill, "shared expert gate"))
     for projection in MLP_PROJECTIONS:
         name = output.shared_expert_name(layer, projection)
         if shared is not None:
@@ -121,12 +123,23 @@ def build_plan(
                     plan.append(shared_weight(mlp_tensor(layer, projection), out))
                 else:
                     plan.append(_mlp(expert, base, layer, projection, dtype, out))
-        if output.holds_shared_expert:
+        if output.shared_experts:
             plan += _shared_expert(output, shared, base, shape, layer, dtype)
     plan += [shared_weight(name) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
     if LM_HEAD not in copied:
         plan.append(shared_weight(LM_HEAD))
     return plan + routers
+
+
+def parameter_counts(
+    plan: list[PlannedTensor], output: OutputFormat, layers: int, experts: int, experts_per_token: int
+) -> tuple[int, int]:
+    """The MoE's parameters, all and those one token uses: all but the routed experts it does not run, every
+    routed expert the size of the first (by the format's names, in every layer that has expert slots)."""
+    total = sum(tensor.numel for tensor in plan)
+    first = {output.expert_name(layer, 0, projection) for layer in range(layers) for projection in MLP_PROJECTIONS}
+    per_expert = sum(tensor.numel for tensor in plan if tensor.name in first)
+    return total, total - per_expert * (experts - experts_per_token)
 
 
 def check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:

@@ -62,6 +62,7 @@ def write_records(partial: Path, name: str, made: Made) -> None:
     stats = {"name": name, "layers": inputs.shape.num_layers, "total_params": made.total_params}
     stats |= {"active_params": made.active_params}
     stats |= {"model_type": inputs.output.model_type, "class_name": inputs.output.class_name, "caveat": made.caveat}
+    stats["title"] = inputs.output.title
     stats["dtype"] = str(made.dtype).removeprefix("torch.")
     base = inputs.base
     card = model_card(
