@@ -16,7 +16,7 @@ from moemerge.hub.download import HubFetcher
 from moemerge.inputs.experts import Expert
 from moemerge.inputs.families import DenseShape, check_expert_shape, check_tensor_names, dense_shape
 from moemerge.inputs.lora import LoraAdapter
-from moemerge.inputs.recipe import DTYPE_ALIASES, ExpertSpec, Recipe
+from moemerge.inputs.recipe import DTYPE_ADVICE, DTYPE_ALIASES, ExpertSpec, Recipe
 from moemerge.inputs.sources import ModelSource, resolve_reference
 from moemerge.inputs.vocab import vocab_mismatch
 from moemerge.output.options import MergeOptions
@@ -49,7 +49,7 @@ def output_dtype(options: MergeOptions, recipe: Recipe, base: ModelSource) -> to
     """The option's dtype, else the recipe's dtype, else the base's own dtype."""
     name = options.dtype or recipe.dtype or base.config.get("torch_dtype") or base.config.get("dtype") or "float32"
     if str(name).lower() not in DTYPE_ALIASES:
-        raise MoemergeError(f"dtype {name!r} is not supported; use bfloat16, float16 or float32")
+        raise MoemergeError(f"dtype {name!r} is not supported; {DTYPE_ADVICE}")
     return getattr(torch, DTYPE_ALIASES[str(name).lower()])
 
 
