@@ -15,7 +15,7 @@ DENSE_LAYER_CAVEAT = (
 )
 
 
-class QwenMoeLayout(OutputFormat):
+class QwenMoeFormat(OutputFormat):
     experts_key = "num_experts"
     expert_size_key = "moe_intermediate_size"
     holds_dense_layers = True

@@ -84,7 +84,7 @@ def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateRe
 
 def _plan(inputs: Inputs, recipe: Recipe, layout: MoeLayout, gates, dtype) -> list[PlannedTensor]:
     return build_plan(
-        inputs.output,
+        inputs.out_format,
         inputs.base,
         inputs.shape,
         inputs.experts,
@@ -109,17 +109,17 @@ def merge(
     check_output(out, options.force, [("the recipe", recipe_path)])  # before any download
     hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
     inputs = open_inputs(recipe, recipe_path.parent, options, hub)
-    base, shape, experts, output = inputs.base, inputs.shape, inputs.experts, inputs.output
+    base, shape, experts, out_format = inputs.base, inputs.shape, inputs.experts, inputs.out_format
     dtype = output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
     check_output(out, options.force, inputs.read_paths(recipe_path, prompts.files))
     tuning_prompts = _tuning_prompts(recipe, prompts.labelled, prompts.positive)
 
     layout = _layout(recipe, inputs, str(dtype).removeprefix("torch."))
-    config = output.config(base.config, layout)
-    if caveat := output.caveat(layout):
-        log.warning(f"{output.name}: {caveat}")
-    check_plan(_plan(inputs, recipe, layout, None, dtype), output.expected_tensors(config), output.name)
+    config = out_format.config(base.config, layout)
+    if caveat := out_format.caveat(layout):
+        log.warning(f"{out_format.name}: {caveat}")
+    check_plan(_plan(inputs, recipe, layout, None, dtype), out_format.expected_tensors(config), out_format.name)
     context = GateContext(
         base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
     )
@@ -137,10 +137,10 @@ def merge(
         copy_side_files(base.path, partial)
         if recipe.training.tune_on_moe:
             sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
-            tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
+            tuned = tune_on_moe(partial, out_format, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= rewrite_tensors(partial, tuned.routers)
-        total, active = parameter_counts(plan, output, shape.num_layers, len(experts), recipe.experts_per_token)
+        total, active = parameter_counts(plan, out_format, shape.num_layers, len(experts), recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
             recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active

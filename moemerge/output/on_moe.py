@@ -94,7 +94,7 @@ def _run_layer(
 
 def tune_on_moe(
     folder: Path,
-    output: OutputFormat,
+    out_format: OutputFormat,
     sparse_layers: list[int],
     labelled: list[tuple[str, int]],
     num_experts: int,
@@ -128,7 +128,7 @@ def tune_on_moe(
         if layer not in sparse_layers:
             hidden = outputs
             continue
-        router = output.moe_block(model, layer).gate
+        router = out_format.moe_block(model, layer).gate
         current = router.weight.detach().float()[None]
         fitted = fit_gates(features[None, in_train], token_labels[in_train], num_experts, spec)
         before = token_accuracy(current, features[None, scored], token_labels[scored], num_experts)[0][0]
@@ -137,7 +137,7 @@ def tune_on_moe(
         if better:
             with torch.no_grad():
                 router.weight.copy_(fitted[0].to(router.weight.dtype))
-            report.routers[output.gate_name(layer)] = fitted[0]
+            report.routers[out_format.gate_name(layer)] = fitted[0]
             if layer != max(sparse_layers):  # later routers must see what the new router makes of this layer
                 outputs = _run_layer(model, layer, hidden, batches)[0]
         hidden = outputs

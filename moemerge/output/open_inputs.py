@@ -30,7 +30,7 @@ class Inputs:
 
     base: ModelSource
     shape: DenseShape
-    output: OutputFormat
+    out_format: OutputFormat
     experts: list[Expert]
     shared: Expert | None
     dropped_tokens: dict[str, list[str]]  # expert label → added tokens the MoE leaves out
@@ -89,10 +89,10 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
     shape = dense_shape(base)
     check_tensor_names(base, shape)
     has_shared = bool(recipe.shared_experts)
-    output = choose_format(recipe.architecture, shape.family, base.config, len(recipe.shared_experts))
+    out_format = choose_format(recipe.architecture, shape.family, base.config, len(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     averaged = recipe.non_expert_weights == "average"
-    routed_scale = output.routed_scale(has_shared)
+    routed_scale = out_format.routed_scale(has_shared)
     experts = [
         _open_expert(i, spec, f"experts[{i}]", recipe_dir, base, opened, options, hub, routed_scale, averaged)
         for i, spec in enumerate(recipe.experts)
@@ -118,4 +118,4 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
     beyond = [layer for layer in recipe.moe_layers or () if layer >= shape.num_layers]
     if beyond:
         raise MoemergeError(f"moe_layers: layer {beyond[0]} does not exist; the base has {shape.num_layers} layers")
-    return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
+    return Inputs(base, shape, out_format, experts, shared[0] if shared else None, dropped)

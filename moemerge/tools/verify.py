@@ -1,7 +1,8 @@
 """`moemerge verify`: check an output folder is complete and self-consistent before anyone relies on it.
 
-The cheap part (index, shard headers, names, shapes, dtypes against config.json) runs inside every merge
-before the output is renamed into place; `deep` also reads every value and loads the model.
+The cheap part (index, shard headers, names, shapes, dtypes against config.json: moemerge.formats.structure)
+runs inside every merge before the output is renamed into place; `deep` also reads every value, compares the
+shards' digests with those recorded, and loads the model.
 """
 
 from __future__ import annotations
