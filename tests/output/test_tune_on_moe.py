@@ -7,6 +7,7 @@ transformers computes for the written MoE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -73,6 +74,11 @@ def test_tuning_on_the_moe_never_lowers_held_out_accuracy(tmp_path, gate_mode):
     assert a.keys() == b.keys()
     changed = [name for name in a if not torch.equal(a[name], b[name])]
     assert changed and all(name.endswith("block_sparse_moe.gate.weight") for name in changed)
+    # The digests recorded are those of the shards as they are after the routers were rewritten.
+    recorded = json.loads((tuned / "moemerge.json").read_text())["shard_sha256"]
+    assert recorded == {
+        shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in tuned.glob("*.safetensors")
+    }
 
 
 def test_tuning_needs_labelled_prompts(tmp_path):
