@@ -67,10 +67,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(out, tmp_path_factory):
+def _start_server(out: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`moemerge serve` in a process of its own, once /health answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     command = [CLI, "serve", str(out), "--port", str(port), "--device", "cpu", "--model-name", MODEL]
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=ENV)
@@ -80,11 +79,17 @@ def server(out, tmp_path_factory):
         assert process.poll() is None, log.read_text()
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return process, url
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(out, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    process, url = _start_server(out, log)
     yield process, url, log
     if process.poll() is None:
         process.kill()
@@ -491,14 +496,52 @@ def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
     assert "(top-1: shares sum to 1)" in text
 
 
-def test_sigint_stops_a_running_stream_and_exits_zero(server, client):
-    """Last: shuts the module's server down."""
-    process, url, _ = server
-    prompt = _long_prompt(client)
+def test_waiting_requests_are_served_in_arrival_order(server, client):
+    """While a long stream holds the slot, four requests arrive one after another (each queued before the next
+    is sent); once the stream's client hangs up they are answered first come, first served."""
+    _, url, _ = server
+    stream, _, _ = _open_stream(url, _long_prompt(client), CONTEXT - 64)
+    finished: list[int] = []
+
+    def ask(number: int) -> None:
+        client.completions.create(model=MODEL, prompt=f"request {number}", max_tokens=4, temperature=0)
+        finished.append(number)
+
+    with ThreadPoolExecutor(4) as pool:
+        for number in range(4):
+            pool.submit(ask, number)
+            deadline = time.monotonic() + 30
+            while httpx.get(f"{url}/health").json()["waiting"] != number + 1:
+                assert time.monotonic() < deadline, f"request {number} never queued"
+                time.sleep(0.05)
+        stream.__exit__(None, None, None)  # frees the slot
+    assert finished == [0, 1, 2, 3]
+
+
+def _signal_stops_a_running_stream_and_exits_zero(process, url: str, prompt: str, sig: signal.Signals) -> None:
+    """A stream is running when `sig` arrives: its client gets the shutdown error and [DONE], the process exits 0."""
     stream, lines, _ = _open_stream(url, prompt, CONTEXT - 64)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     rest = [line for line in lines if line.startswith("data:")]
     stream.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]"
     assert "shutting down" in rest[-2]
     assert process.wait(timeout=10) == 0
+
+
+def test_sigterm_stops_a_running_stream_and_exits_zero(out, client, tmp_path):
+    """On a server of its own (the module's is shut down by the SIGINT test)."""
+    prompt = _long_prompt(client)
+    process, url = _start_server(out, tmp_path / "server.log")
+    try:
+        _signal_stops_a_running_stream_and_exits_zero(process, url, prompt, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigint_stops_a_running_stream_and_exits_zero(server, client):
+    """Last: shuts the module's server down."""
+    process, url, _ = server
+    _signal_stops_a_running_stream_and_exits_zero(process, url, _long_prompt(client), signal.SIGINT)
