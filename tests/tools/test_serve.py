@@ -497,25 +497,25 @@ def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
 
 
 def test_waiting_requests_are_served_in_arrival_order(server, client):
-    """While a long stream holds the slot, four requests arrive one after another (each queued before the next
-    is sent); once the stream's client hangs up they are answered first come, first served."""
+    """Five long generations sent 0.3 s apart: while the first runs the others queue (seen on /health), and they
+    are answered first come, first served."""
     _, url, _ = server
-    stream, _, _ = _open_stream(url, _long_prompt(client), CONTEXT - 64)
+    prompt = _long_prompt(client)
     finished: list[int] = []
+    most_waiting = 0
 
     def ask(number: int) -> None:
-        client.completions.create(model=MODEL, prompt=f"request {number}", max_tokens=4, temperature=0)
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=CONTEXT - 64, temperature=0)
         finished.append(number)
 
-    with ThreadPoolExecutor(4) as pool:
-        for number in range(4):
+    with ThreadPoolExecutor(5) as pool:
+        for number in range(5):
             pool.submit(ask, number)
-            deadline = time.monotonic() + 30
-            while httpx.get(f"{url}/health").json()["waiting"] != number + 1:
-                assert time.monotonic() < deadline, f"request {number} never queued"
-                time.sleep(0.05)
-        stream.__exit__(None, None, None)  # frees the slot
-    assert finished == [0, 1, 2, 3]
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:
+                most_waiting = max(most_waiting, httpx.get(f"{url}/health").json()["waiting"])
+    assert most_waiting >= 3, f"at most {most_waiting} requests queued: the test needs longer generations"
+    assert finished == [0, 1, 2, 3, 4]
 
 
 def _signal_stops_a_running_stream_and_exits_zero(process, url: str, prompt: str, sig: signal.Signals) -> None:
