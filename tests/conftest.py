@@ -25,9 +25,10 @@ def work(masters, tmp_path, monkeypatch) -> Path:
 _GUARD = OutputGuard()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def outputs_with_features_verify(tmp_path_factory):
-    """After each test: every output it wrote with a non-default feature passes `moemerge verify` (support/verified)."""
+    """After each test module (a scan per test would cost the suite minutes): every output its tests wrote with
+    a non-default feature passes `moemerge verify` (support/verified)."""
     yield
     failures = _GUARD.check_new(tmp_path_factory.getbasetemp())
     assert not failures, "\n".join(failures)
