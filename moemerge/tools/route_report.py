@@ -1,5 +1,5 @@
-"""`moemerge route` as a Python API: each prompt's routing in plain rows, which `--json` prints as they are
-and the table shows."""
+"""`moemerge route` as a Python API: each prompt's routing in plain rows, which the command prints as JSON as
+they are, or as a table."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def route_prompts(
     shares sum to top-k), the expert with the largest share, the layers that route (a dense layer has no
     router), the first choice of most tokens in each layer, each layer's shares, and the request-level
     decision (the `request_top_k` experts with the highest mean router probability over the text, with their
-    weights: what `serve --routing request` runs)."""
+    weights: what serve's request routing runs)."""
     RequestRouting("request", request_top_k).checked(names)
     rows = []
     for text in texts:

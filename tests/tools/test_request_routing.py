@@ -281,7 +281,7 @@ def test_router_mixing_runs_at_most_experts_per_token(chosen, per_token):
     assert torch.equal(ran.sort(dim=-1).values, want.sort(dim=-1).values)
 
     routing = ReplyRouting(layers=3, experts=4, top_k=per_token, device=torch.device("cpu"), decision=decision)
-    routing.add(tuple(logits), prompt=True)
+    routing.add(logits, prompt=True)
     report = routing.report(["a", "b", "c", "d"])
     assert report["top_k"] == per_token
     assert sum(shares["prompt"] for shares in report["experts"].values()) == pytest.approx(per_token)
