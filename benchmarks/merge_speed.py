@@ -725,21 +725,21 @@ def combined_runs(paths: list[Path]) -> list[RunRecord]:
 def print_report(
     records: list[RunRecord], json_path: Path | None, extra: dict[str, object], markdown_path: Path | None = None
 ) -> None:
-    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table to
-    `markdown_path` if given."""
+    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table with
+    the pair ratios to `markdown_path` if given."""
     rows = summarize(records)
     ratios = pair_ratios(records)
     revisions = sorted({r.revision for r in records if r.method == "baseline"})
     table = markdown(rows, f"at {', '.join(revisions)}") if revisions else markdown(rows)
-    print(table)
+    lines = [
+        f"moemerge / {ratio.get('other', 'mergekit')} wall+sync, {ratio['size']} {ratio['gates']}: "
+        f"{ratio['median']:.2f} ({', '.join(f'{r:.2f}' for r in ratio['ratios'])})"
+        for ratio in ratios
+    ]
+    report = "\n\n".join([table, *lines])
+    print(report)
     if markdown_path:
-        markdown_path.write_text(table + "\n")
-    for ratio in ratios:
-        listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
-        print(
-            f"\nmoemerge / {ratio.get('other', 'mergekit')} wall+sync, {ratio['size']} {ratio['gates']}: "
-            f"{ratio['median']:.2f} ({listed})"
-        )
+        markdown_path.write_text(report + "\n")
     if json_path:
         report = {**extra, "summary": rows, "pair_ratios": ratios, "runs": [asdict(r) for r in records]}
         json_path.write_text(json.dumps(report, indent=2) + "\n")
