@@ -242,6 +242,7 @@ def servers(args, recipe: dict, base: Path, budget) -> tuple[str, str, dict[str,
             if same < len(differences):
                 failures.append(name)
         details["outputs"][name] = entry
+    pieces.insert(0, f"transformers greedy {NEW_TOKENS} tokens on {len(built)} outputs x {len(prompts)} questions")
     served = serve_answers(args.moemerge, built["mixtral"], args.device, args.workdir)
     details["serve"] = served
     pieces.append(f"serve --device {args.device} answered with routing (top expert {served['routing']['top_expert']})")
