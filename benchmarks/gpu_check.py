@@ -48,6 +48,7 @@ ROOT = BENCH.parent
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+from bounded import run_bounded  # noqa: E402
 from build_base import build_base  # noqa: E402
 from domains import DOMAINS, domain_texts  # noqa: E402
 from gpu_carry import unpack_carried  # noqa: E402
@@ -258,9 +259,7 @@ def speed_runs(args: argparse.Namespace, size: str, gates: str, methods: str, si
     ]
     if args.mergekit:
         command += ["--mergekit", str(args.mergekit)]
-    log = report.with_suffix(".log")
-    with log.open("w") as sink:
-        subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=budget.timeout(), check=True)
+    run_bounded(command, report.with_suffix(".log"), budget.timeout())
     return json.loads(report.read_text())
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from bounded import run_bounded
 from demo import QUESTIONS
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,8 +163,7 @@ def vllm_greedy(python: Path, out: Path, prompts: list[list[int]], workdir: Path
     answer.unlink(missing_ok=True)
     script = Path(__file__).with_name("vllm_greedy.py")
     command = [str(python), str(script), str(out), str(request), str(answer), str(NEW_TOKENS)]
-    with (workdir / f"vllm-{out.name}.log").open("w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=timeout)
+    run_bounded(command, workdir / f"vllm-{out.name}.log", timeout)
     return json.loads(answer.read_text())
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from support.paths import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "examples"))
 
+from bounded import run_bounded  # noqa: E402
 from gpu_check import add_trained_rates, hidden_speedups  # noqa: E402
 from gpu_servers import first_difference  # noqa: E402
 from merge_speed import merge_command, read_peak, with_cuda_peak  # noqa: E402
@@ -79,3 +81,25 @@ def test_cuda_peak_runs_the_script_in_process_and_writes_its_peak(tmp_path):
     assert run.returncode == 3 and run.stdout.strip() == "2.0"  # the script's own exit status and output
     assert read_peak(peak) == 0 and not peak.exists()  # CUDA never initialised; the file is consumed
     assert read_peak(peak) is None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is running (a zombie waiting for its parent counts as gone)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_step_stopped_at_its_deadline_stops_the_processes_it_started(tmp_path):
+    pid_file = tmp_path / "grandchild"
+    command = ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"]
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_bounded(command, tmp_path / "log", timeout=2)
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    with pytest.raises(subprocess.CalledProcessError):
+        run_bounded(["sh", "-c", "exit 4"], tmp_path / "log", timeout=10)
