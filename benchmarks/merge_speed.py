@@ -29,6 +29,9 @@ Each output folder is removed (and the removal synced) before its run. Measured 
 The table's prompts/s (hidden gates) is the number of prompts over the extra median wall+sync that hidden
 gates cost over random gates, for the same method and size; it is as noisy as the difference of two medians.
 
+`--device cuda` (or cpu) is passed to moemerge and to mergekit-moe (which otherwise gets `--device cpu`); with
+cuda each merge runs under cuda_peak.py, which records its torch.cuda.max_memory_allocated (peak GPU GiB).
+
 `--baseline DIR` adds the method `baseline`: the same moemerge command run with PYTHONPATH=DIR, another
 source tree of moemerge (e.g. main's, to compare the streamed hidden-state pass with the whole-model one).
 `--gates trained --labelled N` writes a labelled CSV of N prompts (`--labelled-words MIN,MAX` words each)
@@ -361,6 +364,12 @@ def source_revision(repo: Path) -> str:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
+def search_path(tree: Path) -> str:
+    """PYTHONPATH for a merge: `tree` first, then what this process was given (a GPU machine's carried
+    packages, say), so the merge imports that tree's moemerge and still finds its dependencies."""
+    return os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def timed_sync() -> float:
     """Seconds that `sync` takes: the writeback a finished command left behind (and anything else dirty)."""
     started = time.perf_counter()
@@ -419,6 +428,7 @@ class RunRecord:
     revision: str
     prompts: int
     loadavg: float = field(default_factory=lambda: os.getloadavg()[0])
+    peak_gpu: int | None = None  # torch.cuda.max_memory_allocated of the merge (--device cuda only)
 
     @property
     def total_s(self) -> float:
@@ -446,10 +456,29 @@ def find_mergekit(given: str | None) -> Path | None:
     return MERGEKIT_VENV if MERGEKIT_VENV.is_file() else None
 
 
-def merge_command(method: str, tool: Path, recipe: Path, out: Path) -> list[str]:
+def merge_command(method: str, tool: Path, recipe: Path, out: Path, device: str | None = None) -> list[str]:
+    """The merge's command line; `device` None leaves moemerge its default (auto) and gives mergekit-moe cpu."""
     if method in ("moemerge", "baseline"):
-        return [str(tool), str(recipe), str(out), "--force"]
-    return [str(tool), str(recipe), str(out), "--device", "cpu", "--no-lazy-unpickle"]
+        return [str(tool), str(recipe), str(out), "--force", *(["--device", device] if device else [])]
+    return [str(tool), str(recipe), str(out), "--device", device or "cpu", "--no-lazy-unpickle"]
+
+
+def with_cuda_peak(command: list[str], peak_file: Path) -> list[str]:
+    """`command` (a console script) run by cuda_peak.py under its own venv's python, which writes the merge's
+    peak GPU memory to `peak_file` as it exits."""
+    tool = Path(command[0])
+    python = tool.parent / "python"
+    runner = Path(__file__).with_name("cuda_peak.py")
+    return [str(python if python.is_file() else sys.executable), str(runner), str(peak_file), *command]
+
+
+def read_peak(peak_file: Path) -> int | None:
+    """The bytes cuda_peak.py wrote, None when the run wrote none (it was not run under cuda_peak.py)."""
+    if not peak_file.is_file():
+        return None
+    text = peak_file.read_text().strip()
+    peak_file.unlink()
+    return int(text)
 
 
 def copy_command(source: Path, target: Path) -> list[str]:
@@ -479,6 +508,7 @@ def benchmark_gates(args: argparse.Namespace, gates: str, tools: dict[str, Path]
     (workdir / "logs").mkdir(exist_ok=True)
     merges = [m for m in ("moemerge", "baseline", "mergekit") if m in args.methods]
     prompts = len(given.labelled) if gates == "trained" else sum(len(p) for p in given.prompts)
+    peak_file = workdir / "logs" / "cuda-peak"
     records: list[RunRecord] = []
     for repeat in range(args.repeats):
         order = merges if repeat % 2 == 0 else merges[::-1]
@@ -489,10 +519,12 @@ def benchmark_gates(args: argparse.Namespace, gates: str, tools: dict[str, Path]
             if method == "copy":
                 command, inputs = copy_command(workdir / "out" / "moemerge", out), [workdir / "out" / "moemerge"]
             else:
-                command, inputs = merge_command(method, tools[method], recipe, out), [base, *experts]
+                command, inputs = merge_command(method, tools[method], recipe, out, args.device), [base, *experts]
+                if args.device == "cuda":
+                    command = with_cuda_peak(command, peak_file)
             log = workdir / "logs" / f"{args.size}-{gates}-{method}-{repeat}.log"
             revision = source_revision(args.baseline if method == "baseline" else ROOT)
-            env = {"PYTHONPATH": str(args.baseline if method == "baseline" else ROOT)}
+            env = {"PYTHONPATH": search_path(args.baseline if method == "baseline" else ROOT)}
             result, sync_s, cached = run_one(method, command, out, inputs, log, args.poll_ms / 1000, env)
             record = RunRecord(
                 method,
@@ -511,6 +543,7 @@ def benchmark_gates(args: argparse.Namespace, gates: str, tools: dict[str, Path]
                 result.samples,
                 revision,
                 prompts,
+                peak_gpu=read_peak(peak_file),
             )
             records.append(record)
             print(
@@ -563,6 +596,7 @@ def summarize(records: list[RunRecord]) -> list[dict[str, object]]:
             "ratio_to_random": None,
             "prompts_per_s": None,
             "median_loadavg": statistics.median(r.loadavg for r in runs),
+            "peak_gpu_gib": max(gpu) / GIB if (gpu := [r.peak_gpu for r in runs if r.peak_gpu is not None]) else None,
         }
         random_runs = [r.total_s for r in records if (r.size, r.gates, r.method) == (size, "random", method)]
         if gates != "random" and random_runs and method != "copy":
@@ -642,6 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labelled-words", default="6,12", help="MIN,MAX words per labelled prompt (synthetic)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-layers", help="comma-separated layers to train (default: all)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="passed to both merges (default: their own)")
     parser.add_argument("--baseline", type=Path, help="a moemerge source tree to run as method `baseline`")
     parser.add_argument("--smollm2-base", type=Path, default=ROOT / "examples" / ".cache" / "smollm2-base")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-bench"))
@@ -687,24 +722,29 @@ def combined_runs(paths: list[Path]) -> list[RunRecord]:
     return records
 
 
+def report_markdown(rows: list[dict[str, object]], ratios: list[dict[str, object]], revisions: list[str]) -> str:
+    """The summary table (its baseline named by the revisions it ran at) followed by the pair ratios."""
+    table = markdown(rows, f"at {', '.join(revisions)}") if revisions else markdown(rows)
+    lines = [
+        f"moemerge / {ratio.get('other', 'mergekit')} wall+sync, {ratio['size']} {ratio['gates']}: "
+        f"{ratio['median']:.2f} ({', '.join(f'{r:.2f}' for r in ratio['ratios'])})"
+        for ratio in ratios
+    ]
+    return "\n\n".join([table, *lines])
+
+
 def print_report(
     records: list[RunRecord], json_path: Path | None, extra: dict[str, object], markdown_path: Path | None = None
 ) -> None:
-    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table to
-    `markdown_path` if given."""
+    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table with
+    the pair ratios to `markdown_path` if given."""
     rows = summarize(records)
     ratios = pair_ratios(records)
     revisions = sorted({r.revision for r in records if r.method == "baseline"})
-    table = markdown(rows, f"at {', '.join(revisions)}") if revisions else markdown(rows)
-    print(table)
+    report = report_markdown(rows, ratios, revisions)
+    print(report)
     if markdown_path:
-        markdown_path.write_text(table + "\n")
-    for ratio in ratios:
-        listed = ", ".join(f"{r:.2f}" for r in ratio["ratios"])
-        print(
-            f"\nmoemerge / {ratio.get('other', 'mergekit')} wall+sync, {ratio['size']} {ratio['gates']}: "
-            f"{ratio['median']:.2f} ({listed})"
-        )
+        markdown_path.write_text(report + "\n")
     if json_path:
         report = {**extra, "summary": rows, "pair_ratios": ratios, "runs": [asdict(r) for r in records]}
         json_path.write_text(json.dumps(report, indent=2) + "\n")

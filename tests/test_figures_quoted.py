@@ -46,8 +46,10 @@ def _remade(table: Path) -> str:
     if table.stem.startswith("merge_speed-"):
         script = _script("merge_speed")
         revisions = sorted({run["revision"] for run in data["runs"] if run["method"] == "baseline"})
-        baseline = [f"at {', '.join(revisions)}"] if revisions else []
-        return script.markdown(data["summary"], *baseline)
+        return script.report_markdown(data["summary"], data.get("pair_ratios", []), revisions)
+    if table.stem == "gpu_check":
+        script = _script("gpu_check")
+        return script.markdown([script.Part(**part) for part in data["parts"]], data)
     if table.stem.startswith("capture_dtype-"):
         return _script("capture_dtype").markdown(data)
     if table.stem == "fresh_setup":
