@@ -40,6 +40,7 @@ from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
 from moemerge.gates import hidden as hidden_gates  # noqa: E402
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs  # noqa: E402
 from moemerge.inputs.lora import LoraAdapter  # noqa: E402
 from moemerge.inputs.recipe import Recipe  # noqa: E402
 from moemerge.tools.evaluate import evaluate  # noqa: E402
@@ -164,32 +165,41 @@ class Method:
 
 
 def methods(chosen: list[str], gate_scales: list[float], dataset: Path) -> list[Method]:
-    """The rows asked for, in table order."""
+    """The rows asked for, in table order: one per gate mode in moemerge's registry, run over what its result
+    depends on (a mode that needs nothing: merge seeds; prompts: prompt subsets; a dataset: once, on the
+    benchmark's labelled set), hidden gates at each scale, and two baselines."""
+    varies = {Needs.NOTHING: "seed", Needs.PROMPTS: "prompts", Needs.DATASET: "once"}
     rows = {
-        "random": [Method("random", "random", varies="seed")],
-        "cheap_embed": [Method("cheap_embed", "cheap_embed")],
-        "class_mean": [
+        name: [
             Method(
-                "moemerge `hidden`, class means (no discriminant)",
-                "hidden",
-                patches={(hidden_gates, "SHRINKAGE"): 1.0},  # Σ shrunk all the way to the identity
+                name,
+                name,
+                {"dataset_csv": str(dataset)} if spec.needs is Needs.DATASET else {},
+                varies=varies[spec.needs],
             )
-        ],
-        "mergekit": [Method("mergekit-moe `hidden` (0.1.5)", None)],
-        "hidden": [
-            Method(
-                f"moemerge `hidden`, gate_scale {scale:g}{' (default)' * (scale == DEFAULT_SCALE)}",
-                "hidden",
-                {"gate_scale": scale},
-            )
-            for scale in gate_scales
-        ],
-        "trained": [Method("moemerge `trained`", "trained", {"dataset_csv": str(dataset)}, varies="once")],
+        ]
+        for name, spec in GATE_MODE_SPECS.items()
     }
+    rows["hidden"] = [
+        Method(
+            f"moemerge `hidden`, gate_scale {scale:g}{' (default)' * (scale == DEFAULT_SCALE)}",
+            "hidden",
+            {"gate_scale": scale},
+        )
+        for scale in gate_scales
+    ]
+    rows["class_mean"] = [
+        Method(
+            "moemerge `hidden`, class means (no discriminant)",
+            "hidden",
+            patches={(hidden_gates, "SHRINKAGE"): 1.0},  # Σ shrunk all the way to the identity
+        )
+    ]
+    rows["mergekit"] = [Method("mergekit-moe `hidden` (0.1.5)", None)]
     return [method for name in chosen for method in rows[name]]
 
 
-METHODS = ("random", "cheap_embed", "class_mean", "mergekit", "hidden", "trained")
+METHODS = ("mergekit", "class_mean", *GATE_MODE_SPECS)  # baselines, then every gate mode moemerge has
 
 
 def summarise(name: str, runs: list[dict], oracle_mean: float) -> dict:
@@ -242,6 +252,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
+    chosen = [m for m in args.methods.split(",") if m]
+    if unknown := set(chosen) - set(METHODS):
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
@@ -257,7 +270,7 @@ def main() -> None:
     print(table(rows), flush=True)
     dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
     scales = [float(s) for s in args.gate_scales.split(",") if s]
-    for method in methods([m for m in args.methods.split(",") if m], scales, dataset):
+    for method in methods(chosen, scales, dataset):
         if method.gate_mode is None and not shutil.which(args.mergekit):
             print(f"skipping {method.name}: {args.mergekit} not found", flush=True)
             continue

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.inputs.recipe import PROMPT_MODES, Recipe
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs
+from moemerge.inputs.recipe import Recipe
 from moemerge.inputs.sources import find_path
 
 log = logging.getLogger("moemerge")
@@ -113,7 +114,8 @@ def gather_prompts(recipe: Recipe, recipe_dir: Path) -> ExpertPrompts:
         labelled = read_dataset_csv(files[-1], recipe.expert_names())
         for prompt, expert in labelled:
             positive[expert].append(prompt)
-    if recipe.gate_mode in PROMPT_MODES:
+    mode = GATE_MODE_SPECS[recipe.gate_mode]
+    if mode.needs_prompts:
         for i, prompts in enumerate(positive):
             if prompts:
                 continue
@@ -125,7 +127,7 @@ def gather_prompts(recipe: Recipe, recipe_dir: Path) -> ExpertPrompts:
                 f"experts[{i}]: its positive prompts are empty; its router row is built from its negative prompts "
                 "alone (it is chosen for what is unlike them)"
             )
-    if recipe.gate_mode == "trained":
+    if mode.needs is Needs.DATASET:
         _check_training_rows(recipe, labelled, Path(recipe.dataset_csv or ""))
     return ExpertPrompts(positive, negative, labelled, files)
 

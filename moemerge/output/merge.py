@@ -16,7 +16,8 @@ from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
 from moemerge.gates.background import gates_in_background
-from moemerge.gates.compute import GateContext, GateResult, compute_gates
+from moemerge.gates.modes import compute_gates
+from moemerge.gates.modes.mode import GateContext, GateResult
 from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
 from moemerge.inputs.prompts import gather_prompts
@@ -121,12 +122,20 @@ def merge(
         log.warning(f"{output.name}: {caveat}")
     check_plan(_plan(inputs, recipe, layout, None, dtype), output.expected_tensors(config), output.name)
     context = GateContext(
-        base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
+        recipe,
+        prompts,
+        base,
+        experts,
+        shape.num_layers,
+        shape.hidden_size,
+        device,
+        dtype,
+        options.seed,
+        options.batch_size,
+        progress,
     )
     with (
-        gates_in_background(
-            lambda shown: compute_gates(recipe, prompts, replace(context, progress=shown)), progress
-        ) as pending,
+        gates_in_background(lambda shown: compute_gates(replace(context, progress=shown)), progress) as pending,
         staged_output(out, options.force) as partial,
     ):
         plan = _plan(inputs, recipe, layout, lambda: pending.result().rows, dtype)

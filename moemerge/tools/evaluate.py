@@ -12,6 +12,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import decide, restricted
 from moemerge.tools.routing import next_token_losses, route, tokenize
 
@@ -25,9 +26,10 @@ class EvalResult:
     experts: list[str]
     prompts: list[int]
     tokens: list[int]
-    accuracy: list[float]  # per expert, over all layers and its tokens
-    layer_accuracy: list[float]  # per layer, over all tokens
-    expert_layer_accuracy: list[list[float]]  # [experts][layers]
+    layers: list[int]  # the routing layers the per-layer lists are about (a dense layer does not route)
+    accuracy: list[float]  # per expert, over the routing layers and its tokens
+    layer_accuracy: list[float]  # per routing layer, over all tokens
+    expert_layer_accuracy: list[list[float]]  # [experts][routing layers]
     perplexity: list[float | None] | None
     # per request: the share of an expert's texts whose request decision (whole text, top-1 of top-k) is the expert
     request_accuracy: list[float | None]
@@ -59,7 +61,8 @@ def evaluate(
 ) -> EvalResult:
     """A token counts as routed correctly in a layer when its highest router logit is its prompt's expert; a
     text, when its request decision's first expert is its label."""
-    experts, layers = len(names), model.config.num_hidden_layers
+    routing_layers = moe_layers(model).routing
+    experts, layers = len(names), len(routing_layers)
     correct = torch.zeros(experts, layers)
     tokens = torch.zeros(experts)
     prompts = [0] * experts
@@ -91,6 +94,7 @@ def evaluate(
     return EvalResult(
         experts=names,
         prompts=prompts,
+        layers=list(routing_layers),
         tokens=[int(t) for t in tokens],
         accuracy=(correct.sum(dim=1) / (tokens * layers).clamp_min(1)).tolist(),
         layer_accuracy=(correct[present].sum(dim=0) / tokens[present].sum().clamp_min(1)).tolist(),

@@ -13,7 +13,7 @@ from support.tiny_models import make_base
 from moemerge import MergeOptions, merge
 from moemerge.errors import MoemergeError
 from moemerge.gates.background import GatePassCancelled, gates_in_background
-from moemerge.gates.compute import GateResult
+from moemerge.gates.modes.mode import GateResult
 from moemerge.progress import Silent
 
 
@@ -130,7 +130,7 @@ def test_a_merge_stopped_while_its_routers_wait_for_the_gates_ends_at_once(tmp_p
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     router_bytes = 2 * 2 * 32 * 4  # layers × experts × hidden × float32
 
-    def endless_gate_pass(recipe, prompts, context):
+    def endless_gate_pass(context):
         advance = context.progress.task("hidden states", 10**9)
         while True:
             time.sleep(0.001)
@@ -171,11 +171,11 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
     _trained_recipe(
         tmp_path, [(f"prompt {i} " + "ab" * (i % 7), i % 2) for i in range(200)], {"steps": 5, "layers": [0]}
     )
-    from moemerge.gates import compute
     from moemerge.gates.layer_stream import LayerStack
+    from moemerge.gates.modes import hidden as hidden_mode
 
     hidden_pass, batches, at_failure = threading.Event(), [0], []
-    real_prototypes, real_forward = compute.hidden_prototypes, LayerStack.forward
+    real_prototypes, real_forward = hidden_mode.hidden_prototypes, LayerStack.forward
 
     def prototypes(*args, **kwargs):
         hidden_pass.set()
@@ -190,7 +190,7 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
         at_failure.append(batches[0])
         raise MoemergeError("could not write model-00001-of-00001.safetensors: disk full")
 
-    monkeypatch.setattr(compute, "hidden_prototypes", prototypes)
+    monkeypatch.setattr(hidden_mode, "hidden_prototypes", prototypes)
     monkeypatch.setattr(LayerStack, "forward", forward)
     monkeypatch.setattr("moemerge.output.merge.write_shards", failing_write)
     with pytest.raises(MoemergeError, match="disk full"):

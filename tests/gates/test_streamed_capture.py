@@ -243,7 +243,7 @@ def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
 def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path, monkeypatch):
     """The holdout check passes on the whole labelled set; the sample must pass it too. An expert whose share
     of the budget is two short prompts loses both to holdout 0.75 (round(1.5) = 2) and was fitted to lose."""
-    from moemerge.gates import compute
+    from moemerge.gates.modes import trained as trained_mode
     from moemerge.inputs.prompts import split_prompts
 
     base = make_base(tmp_path / "base", num_hidden_layers=2)
@@ -256,7 +256,7 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
         fitted.append({labels[i] for i in split_prompts(labels, spec.holdout, spec.seed)[0]})
         return trained.train_gates(inputs, labels, num_experts, spec, *args, **kwargs)
 
-    monkeypatch.setattr(compute, "train_gates", train_gates)
+    monkeypatch.setattr(trained_mode, "train_gates", train_gates)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert json.loads((tmp_path / "out" / "gate_training.json").read_text())["labelled_prompts"] == 60
     assert fitted == [{0, 1}], "an expert of the sample has no prompt left to train on"
@@ -265,7 +265,7 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
 def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeypatch):
     """With training.layers a subset, the other layers get hidden gates from each expert's positive prompts,
     which the dataset's rows join; over the budget, only the rows sampled for training go through the base."""
-    from moemerge.gates import compute
+    from moemerge.gates.modes import hidden as hidden_mode
 
     base = make_base(tmp_path / "base", num_hidden_layers=2)
     rows = [(f"{'abcdefg'[i % 7]}" * (8 + i % 5), i % 2) for i in range(60)]
@@ -278,8 +278,8 @@ def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeyp
         seen.append(positive)
         return real(base, tokenizer, positive, *args, **kwargs)
 
-    real = compute.hidden_prototypes
-    monkeypatch.setattr(compute, "hidden_prototypes", hidden_prototypes)
+    real = hidden_mode.hidden_prototypes
+    monkeypatch.setattr(hidden_mode, "hidden_prototypes", hidden_prototypes)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
     sampled = report["train_prompts"] + report["holdout_prompts"]
