@@ -169,7 +169,8 @@ def write_expert_texts(
     progress_task: Callable[[str, int], Callable[[int], None]],
 ) -> list[Continuation]:
     """Every expert's `spec.continuations` continuations of each of its prompts, in (expert, prompt, sample)
-    order. `model` is the dense base, whose MLP weights are overwritten expert by expert."""
+    order, sampled from `spec.seed` (which must be set). `model` is the dense base, whose MLP weights are
+    overwritten expert by expert."""
     num_layers = model.config.num_hidden_layers
     total = sum(len(group) for group in prompts) * spec.continuations * spec.max_new_tokens
     advance = progress_task(f"experts writing on {model.device.type} (tokens)", total)
@@ -203,8 +204,13 @@ def labelled_texts(
             labels.append(row.expert)
     for expert, name in enumerate(names):
         mine = [row for row in written if row.expert == expert]
+        if not mine:
+            raise MoemergeError(
+                f"experts[{expert}] ({name}): has no positive prompts to continue, so it wrote nothing to fit its "
+                "router on; give it positive_prompts or use gate_mode: hidden"
+            )
         blank = sum(not row.text.strip() for row in mine)
-        if mine and blank == len(mine):
+        if blank == len(mine):
             raise MoemergeError(
                 f"experts[{expert}] ({name}): all {blank} continuations it wrote are empty or special tokens only "
                 "(it ends its text at once), so there is nothing to fit its router on; give it longer prompts "

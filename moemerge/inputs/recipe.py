@@ -101,7 +101,7 @@ class GenerateSpec(BaseModel):
     max_new_tokens: int = Field(default=64, ge=1, le=8192)
     temperature: float = Field(default=0.9, gt=0, le=100)
     top_p: float = Field(default=0.95, gt=0, le=1)
-    seed: int = Field(default=0, ge=0, le=MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: the merge's seed (--seed)
 
 
 class Recipe(BaseModel):

@@ -1,17 +1,22 @@
-"""gate_mode generated, the writing: each expert continues its prompts as a dense model of its own, and every
-continuation is labelled with the expert that wrote it (moemerge.gates.expert_texts)."""
+"""gate_mode generated: each expert continues its prompts as a dense model of its own, every continuation is
+labelled with the expert that wrote it (moemerge.gates.expert_texts), and the routers are fitted on them as
+trained gates are (moemerge.gates.modes.generated)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from support.tiny_models import VOCAB, make_base, make_expert, make_lora, save_model, tiny_tokenizer
-from transformers import AutoModelForCausalLM
+import yaml
+from support.tiny_models import VOCAB, make_base, make_expert, make_lora, read_tensors, save_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moemerge import MergeOptions, merge
 from moemerge.errors import MoemergeError
+from moemerge.files import GENERATED_TEXTS
 from moemerge.gates import expert_texts
 from moemerge.gates.expert_texts import Continuation, labelled_texts, load_writer, write_expert_texts
 from moemerge.gates.router_inputs import pad_ready
@@ -21,7 +26,7 @@ from moemerge.inputs.recipe import ExpertSpec, GenerateSpec
 from moemerge.inputs.sources import ModelSource
 
 EOS = 2
-GREEDY = GenerateSpec(continuations=2, max_new_tokens=12, temperature=1e-4, top_p=1.0)
+GREEDY = GenerateSpec(continuations=2, max_new_tokens=12, temperature=1e-4, top_p=1.0, seed=0)
 
 
 def forced_expert(base: Path, path: Path, token: int, units: int = 8, strength: float = 1e3) -> Path:
@@ -142,7 +147,7 @@ def test_texts_do_not_depend_on_how_rows_are_batched(models, monkeypatch):
 
 def test_progress_counts_every_token_at_every_step(models):
     prompts = [["abc", "hello"], ["xyz"]]
-    spec = GenerateSpec(continuations=2, max_new_tokens=6, temperature=1.0)
+    spec = GenerateSpec(continuations=2, max_new_tokens=6, temperature=1.0, seed=0)
     tasks: list[tuple[str, int, list[int]]] = []
 
     def task(description: str, total: int):
@@ -175,3 +180,81 @@ def test_blank_continuations_are_left_out_with_a_warning(caplog):
         texts, labels = labelled_texts(rows, ["first", "second"], with_prompt=False)
     assert (texts, labels) == (["text", "more"], [0, 1])
     assert "experts[0] (first): 1 of 2 continuations were empty" in caplog.text
+
+
+# the whole mode: a merge with gate_mode generated
+
+
+def generated_recipe(path: Path, models: dict[str, Path], experts: list[tuple[str, list[str]]], **generate) -> Path:
+    recipe = {
+        "base_model": str(models["base"]),
+        "gate_mode": "generated",
+        "dtype": "float32",
+        "experts_per_token": 1,
+        "generate": {"continuations": 3, "max_new_tokens": 10, "temperature": 0.05, **generate},
+        "training": {"steps": 100, "lr": 0.05},
+        "experts": [{"source_model": str(models[key]), "name": key, "positive_prompts": p} for key, p in experts],
+    }
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def routers(folder: Path) -> torch.Tensor:
+    tensors = read_tensors(folder)
+    return torch.stack([tensors[f"model.layers.{i}.block_sparse_moe.gate.weight"] for i in range(3)])
+
+
+@pytest.fixture(scope="module")
+def writers_merged(models, tmp_path_factory) -> Path:
+    """The 'a' writer and the 'z' writer, each given prompts of letters neither writes."""
+    root = tmp_path_factory.mktemp("merged")
+    recipe = generated_recipe(root / "r.yaml", models, [("a", ["q", "s t"]), ("z", ["o", "u v"])])
+    merge(recipe, root / "out", MergeOptions(device="cpu"))
+    return root / "out"
+
+
+def test_the_routers_send_each_writers_text_to_it(writers_merged):
+    moe = AutoModelForCausalLM.from_pretrained(writers_merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(writers_merged)
+    assert torch.isfinite(routers(writers_merged)).all()
+    for text, writer in (("aaa aaaa aa", 0), ("zz zzzz zzz", 1)):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = torch.stack(moe(ids, output_router_logits=True).router_logits)  # [layers, tokens, experts]
+        letters = (ids[0] == VOCAB.index(text[0])).nonzero().squeeze(1)
+        assert (logits[:, letters].argmax(dim=-1) == writer).all(), text
+
+
+def test_the_output_keeps_what_the_experts_wrote(writers_merged):
+    lines = (writers_merged / GENERATED_TEXTS).read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [(row["expert"], row["label"]) for row in rows] == [("a", 0)] * 6 + [("z", 1)] * 6
+    assert [letters(row["continuation"]) for row in rows] == [{"a"}] * 6 + [{"z"}] * 6
+    assert [row["prompt"] for row in rows[:6]] == ["q"] * 3 + ["s t"] * 3
+    assert len({row["seed"] for row in rows}) == 12  # one per continuation
+    assert all(row["settings"]["seed"] == 0 and row["settings"]["max_new_tokens"] == 10 for row in rows)
+    manifest = json.loads((writers_merged / "moemerge.json").read_text())
+    assert manifest["generated_texts"] == {"file": GENERATED_TEXTS, "rows": 12}
+    report = json.loads((writers_merged / "gate_training.json").read_text())
+    assert report["train_prompts"] + report["holdout_prompts"] == 12
+    card = (writers_merged / "README.md").read_text(encoding="utf-8")
+    assert "## Texts the experts wrote" in card and f"All 12 are in `{GENERATED_TEXTS}`" in card
+    assert "| a | 6 | 0 | 60 | `a a a a a a a a a a` |" in card
+
+
+def test_the_same_seed_gives_the_same_routers(models, tmp_path):
+    experts = [("random0", ["abc", "hello"]), ("random1", ["xyz", "st uv"])]
+    recipe = generated_recipe(tmp_path / "r.yaml", models, experts, temperature=1.0)
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        merge(recipe, tmp_path / name, MergeOptions(device="cpu", seed=seed))  # generate.seed: the merge's
+    texts = {name: (tmp_path / name / GENERATED_TEXTS).read_text() for name in ("first", "again", "other")}
+    assert texts["first"] == texts["again"] != texts["other"]
+    assert torch.equal(routers(tmp_path / "first"), routers(tmp_path / "again"))
+    assert not torch.allclose(routers(tmp_path / "first"), routers(tmp_path / "other"))
+
+
+def test_an_expert_that_writes_nothing_stops_the_merge(models, tmp_path):
+    recipe = generated_recipe(tmp_path / "r.yaml", models, [("a", ["zz"]), ("eos", ["aa"])])
+    with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos\): all 3 continuations it wrote are empty"):
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert not (tmp_path / "out").exists()
