@@ -9,6 +9,7 @@ to a CSV and merged with today's `trained` gates (what `generated` then does), a
 held-out texts: token routing accuracy per domain and perplexity against the oracle.
 
     OMP_NUM_THREADS=1 nice python benchmarks/generated_defaults.py --json r.json --markdown r.md
+    python benchmarks/generated_defaults.py --report-only --json r.json --markdown r.md   # the points done so far
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--report-only", action="store_true", help="tabulate the workdir's results so far")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
@@ -180,10 +182,13 @@ def main() -> None:
     by_domain = [[t for t, label in texts if label == i] for i in range(len(DOMAINS))]
     oracle = [dense_perplexity(base, ADAPTERS / d, by_domain[i]) for i, d in enumerate(DOMAINS)]
     oracle_mean = sum(oracle) / len(oracle)
-    with ProcessPoolExecutor(len(seeds)) as pool:  # one process per seed: the seeds run side by side
-        results = [
-            r for done in pool.map(run_seed, seeds, [args.workdir] * len(seeds), [GRID] * len(seeds)) for r in done
-        ]
+    if args.report_only:  # the points finished so far (each run appends its results as it goes)
+        files = sorted(args.workdir.glob("results-*.jsonl"))
+        results = [json.loads(line) for file in files for line in file.read_text().splitlines()]
+    else:
+        with ProcessPoolExecutor(len(seeds)) as pool:  # one process per seed: the seeds run side by side
+            runs = pool.map(run_seed, seeds, [args.workdir] * len(seeds), [GRID] * len(seeds))
+            results = [r for done in runs for r in done]
     invocation = "python benchmarks/generated_defaults.py " + " ".join(sys.argv[1:])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
