@@ -258,3 +258,9 @@ def test_an_expert_that_writes_nothing_stops_the_merge(models, tmp_path):
     with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos\): all 3 continuations it wrote are empty"):
         merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_expert_with_no_prompt_to_continue_is_refused():
+    rows = [Continuation(0, 0, 0, "p", "text", 1, 0)]
+    with pytest.raises(MoemergeError, match=r"experts\[1\] \(second\): has no positive prompts to continue"):
+        labelled_texts(rows, ["first", "second"], with_prompt=True)
