@@ -276,7 +276,7 @@ def main() -> None:
             continue
         done = []
         for k in range(1 if method.varies == "once" else args.runs):
-            subset, seed = (k, 0) if method.varies == "prompts" else (0, k)
+            subset, seed = (k, k) if method.varies == "prompts" else (0, k)  # generated: its texts follow the seed
             if method.gate_mode is None:
                 spec = recipe(base, "hidden", subset, {}, dense_folders(base, args.workdir))
                 out, seconds = run_mergekit(args.workdir, args.mergekit, spec)

@@ -21,6 +21,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "moemerge.json"  # what the merge recorded: sources, expert names, shard digests
 DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 MODEL_CARD = "README.md"
+GENERATED_TEXTS = "generated_texts.jsonl"  # gate_mode generated: the labelled texts the experts wrote
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER = "tokenizer.json"
 # What the output copies from the base besides weights: tokenizer, chat template, generation config.

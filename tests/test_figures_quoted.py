@@ -52,6 +52,8 @@ def _remade(table: Path) -> str:
         return script.markdown([script.Part(**part) for part in data["parts"]], data)
     if table.stem.startswith("capture_dtype-"):
         return _script("capture_dtype").markdown(data)
+    if table.stem == "generated_defaults":
+        return _script("generated_defaults").report(data)
     if table.stem == "fresh_setup":
         return _script("fresh_setup").markdown(data)
     if table.stem == "request_routing":

@@ -48,6 +48,11 @@ GATE_MODE_SPECS: dict[str, GateModeSpec] = {
         GateModeSpec(
             "trained", Needs.DATASET, "trained on labelled prompts (the router inputs of a dataset, per layer)"
         ),
+        GateModeSpec(
+            "generated",
+            Needs.PROMPTS,
+            "trained on texts the experts wrote from their own prompts, each labelled with its writer, per layer",
+        ),
     )
 }
 DEFAULT_GATE_MODE = "hidden"

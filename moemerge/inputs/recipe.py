@@ -102,6 +102,19 @@ class TrainingSpec(BaseModel):
         return value
 
 
+class GenerateSpec(BaseModel):
+    """How `generated` gates' experts write their labelled texts (moemerge.gates.expert_texts); the defaults
+    were measured on the SmolLM2 demo (benchmarks/generated_defaults.py)."""
+
+    model_config = STRICT
+
+    continuations: int = Field(default=4, ge=1, le=10_000)  # per positive prompt
+    max_new_tokens: int = Field(default=64, ge=1, le=8192)
+    temperature: float = Field(default=0.9, gt=0, le=100)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: the merge's seed (--seed)
+
+
 class Recipe(BaseModel):
     """A whole merge: base model, experts, and how the routers are set."""
 
@@ -115,6 +128,7 @@ class Recipe(BaseModel):
     gate_scale: float = Field(default=30.0, gt=0, le=MAX_SCALE)  # measured: benchmarks/routing_quality.py
     dataset_csv: str | None = None
     training: TrainingSpec = TrainingSpec()
+    generate: GenerateSpec = GenerateSpec()
     architecture: str | None = None  # output format; None: the base family's default (see moemerge.formats)
     shared_experts: list[ExpertSpec] = Field(default=[], max_length=1)
     # moemerge's own keys (mergekit-moe has none; their defaults build what mergekit-moe builds):
@@ -228,7 +242,9 @@ def _key_path(loc: tuple[Any, ...]) -> str:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> list[str]:
-    model = ExpertSpec if {"experts", "shared_experts"} & set(loc) else TrainingSpec if "training" in loc else Recipe
+    sections = {"training": TrainingSpec, "generate": GenerateSpec}
+    section = next((sections[key] for key in loc if key in sections), Recipe)
+    model = ExpertSpec if {"experts", "shared_experts"} & set(loc) else section
     return list(model.model_fields)
 
 

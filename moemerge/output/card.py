@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from moemerge.files import MODEL_CARD
+from moemerge.files import GENERATED_TEXTS, MODEL_CARD
 from moemerge.hub.ids import origin_name, parse_hub_id
 from moemerge.inputs.gate_modes import GATE_MODE_SPECS
 from moemerge.inputs.recipe import Recipe
@@ -129,6 +129,31 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
     )
 
 
+def _generated(recipe: Recipe, names: list[str], rows: list[dict] | None) -> str:
+    """What the experts wrote for the routers to be fitted on (gate_mode generated), one row per expert."""
+    if rows is None:
+        return ""
+    spec = recipe.generate
+    lines = [
+        "## Texts the experts wrote",
+        "",
+        f"The routers were fitted on text the experts wrote themselves: each expert continued each of its positive "
+        f"prompts {spec.continuations} times, up to {spec.max_new_tokens} tokens (temperature {spec.temperature:g}, "
+        f"top-p {spec.top_p:g}, seed {spec.seed}), and every continuation is labelled with the expert that wrote "
+        f"it. All {len(rows)} are in `{GENERATED_TEXTS}`.",
+        "",
+        "| expert | continuations | empty | tokens written | one of them |",
+        "|---|---|---|---|---|",
+    ]
+    for e, name in enumerate(names):
+        mine = [row for row in rows if row["label"] == e]
+        texts = [row["continuation"] for row in mine if row["continuation"].strip()]
+        tokens = sum(row["new_tokens"] for row in mine)
+        example = f"`{_cell(texts[0])}`" if texts else "—"
+        lines.append(f"| {_cell(name)} | {len(mine)} | {len(mine) - len(texts)} | {tokens} | {example} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def _caveat(stats: dict[str, Any]) -> str:
     return f" Note: {stats['caveat']}." if stats.get("caveat") else ""
 
@@ -148,6 +173,7 @@ def model_card(
     sources: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     repo_id: str | None = None,
+    generated: list[dict] | None = None,
 ) -> str:
     """Markdown with a YAML header.
 
@@ -155,7 +181,8 @@ def model_card(
     `layers`, `total_params`,
     `active_params` and optionally `caveat` (what a consumer does differently, see OutputFormat.caveat),
     `dtype`; `sources` is moemerge.json's record of what each recipe key resolved to; `training` is
-    gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known.
+    gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known;
+    `generated` the labelled texts the experts wrote for generated gates.
     """
     sources = sources or {}
     names = recipe.expert_names()
@@ -212,7 +239,7 @@ Each expert's router row points at what its positive prompts have in common (min
 |---|---|---|---|---|
 {rows}
 
-## Routing
+{_generated(recipe, names, generated)}## Routing
 
 {_routing(recipe, names, training, model_ref)}
 

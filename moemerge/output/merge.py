@@ -173,7 +173,18 @@ def merge(
         total, active = parameter_counts(plan, out_format, shape.num_layers, len(experts), recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
-            recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active
+            recipe,
+            recipe_text,
+            options,
+            inputs,
+            hub.sources,
+            digests,
+            gates.report,
+            caveat,
+            dtype,
+            total,
+            active,
+            gates.written,
         )
         write_records(partial, out.name, made)
         check_structure(partial)

@@ -3,13 +3,14 @@ shard digests), the gate-training report and the model card. Written into the pa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moemerge.files import DIGESTS, MANIFEST, MODEL_CARD
+from moemerge.files import DIGESTS, GENERATED_TEXTS, MANIFEST, MODEL_CARD
 from moemerge.gates.trained import TrainingReport
 from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
@@ -36,12 +37,19 @@ class Made:
     dtype: torch.dtype
     total_params: int
     active_params: int
+    generated: list[dict] | None = None  # the labelled texts the experts wrote (gate_mode generated)
 
 
 def write_records(partial: Path, name: str, made: Made) -> None:
-    """The recipe copy, the manifest, the training report (trained gates only) and the model card."""
+    """The recipe copy, the manifest, the training report (trained gates only), the experts' labelled texts
+    (generated gates only) and the model card."""
     recipe, inputs = made.recipe, made.inputs
     (partial / RECIPE_COPY).write_text(made.recipe_text, encoding="utf-8")
+    written = {}
+    if made.generated is not None:
+        lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in made.generated)
+        (partial / GENERATED_TEXTS).write_text("".join(lines), encoding="utf-8")
+        written = {"generated_texts": {"file": GENERATED_TEXTS, "rows": len(made.generated)}}
     write_json(
         partial / MANIFEST,
         {
@@ -53,6 +61,7 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "sources": made.sources,
             "architecture": inputs.out_format.name,
             "dropped_tokens": inputs.dropped_tokens,
+            **written,
             DIGESTS: made.digests,  # checked by `moemerge verify`
         },
     )
@@ -73,5 +82,6 @@ def write_records(partial: Path, name: str, made: Made) -> None:
         made.sources,
         training,
         made.options.hub_repo_id,
+        made.generated,
     )
     (partial / MODEL_CARD).write_text(card, encoding="utf-8")

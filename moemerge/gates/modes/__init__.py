@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from moemerge.gates.modes import cheap_embed, hidden, random, trained
+from moemerge.gates.modes import cheap_embed, generated, hidden, random, trained
 from moemerge.gates.modes.mode import GateContext, GateMode, GateResult, release
 
 GATE_MODES: dict[str, GateMode] = {
-    mode.name: mode for module in (hidden, cheap_embed, random, trained) for mode in module.MODES
+    mode.name: mode for module in (hidden, cheap_embed, random, trained, generated) for mode in module.MODES
 }
 
 

@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class GateResult:
-    """float32 router weights [layers, experts, hidden], and the training report for fitted gates."""
+    """float32 router weights [layers, experts, hidden], the training report for fitted gates, and the
+    labelled texts a mode wrote for itself (one JSON-ready record each; the output keeps them)."""
 
     rows: torch.Tensor
     report: TrainingReport | None = None
+    written: list[dict] | None = None
 
 
 @dataclass

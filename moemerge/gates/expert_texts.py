@@ -1,0 +1,226 @@
+"""The experts write their own labelled set (gate_mode `generated`): each expert, run as a dense model of its
+own, continues each of its positive prompts, and every continuation is labelled with the expert that wrote it.
+
+A recipe rarely ships labelled data, but every expert can write text of its own domain when given a start:
+its continuations are in-domain text in the expert's own voice, many times longer than the prompts, so
+`trained` gates fitted on them see the router inputs of real domain text instead of five short prompts
+(benchmarks/routing_quality.py: the `generated` row).
+
+One dense model is loaded (the base, in the capture dtype) and each expert's MLP weights are copied into it in
+turn, base + adapter delta or the fine-tune's own (moemerge.inputs.experts.Expert.own_weight): never more than
+one expert at a time. Sampling is done here rather than by transformers' `generate`, so that every
+continuation draws from a generator of its own, seeded from (seed, expert, prompt, sample): the texts do not
+depend on how rows are batched, only on the seed (and on the device's arithmetic).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from moemerge.errors import MoemergeError
+from moemerge.hf import load_model
+from moemerge.inputs.experts import Expert
+from moemerge.inputs.families import MLP_PROJECTIONS, mlp_tensor
+from moemerge.inputs.recipe import GenerateSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("moemerge")
+BATCH_TOKENS = 8192  # padded prompt + new tokens per decode batch, which bounds the KV cache
+MAX_ROWS = 64  # continuations decoded together
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """What one expert wrote after one of its prompts; `seed` seeds this continuation's sampler alone."""
+
+    expert: int
+    prompt_index: int
+    sample: int
+    prompt: str
+    text: str
+    new_tokens: int
+    seed: int
+
+    def record(self, names: Sequence[str], spec: GenerateSpec) -> dict:
+        """One JSONL line: who wrote what, from which prompt, with which sampler settings."""
+        return {
+            "expert": names[self.expert],
+            "label": self.expert,
+            "prompt": self.prompt,
+            "continuation": self.text,
+            "new_tokens": self.new_tokens,
+            "seed": self.seed,
+            "settings": spec.model_dump(mode="json"),
+        }
+
+
+def row_seed(seed: int, expert: int, prompt: int, sample: int) -> int:
+    """One seed per continuation, so a row's text does not depend on the rows it is batched with."""
+    return (seed * 1_000_003 + expert * 100_003 + prompt * 1_009 + sample) % (2**63)
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Nucleus sampling, one generator per row: logits [rows, vocab] → token ids [rows]. Top-p keeps the most
+    likely tokens whose probabilities sum to at least `top_p` (always the most likely one)."""
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    ordered, order = probs.sort(dim=-1, descending=True)
+    ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)
+    picks = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(ordered, generators, strict=True)])
+    return order.gather(1, picks[:, None]).squeeze(1)
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end a continuation: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, list) else {configured}
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def continue_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    seeds: Sequence[Sequence[int]],
+    spec: GenerateSpec,
+    advance: Callable[[int], None],
+) -> list[list[list[int]]]:
+    """Sample continuations of each prompt, one per seed in `seeds[i]` (the same count for every prompt): the
+    prompts are left-padded and run through the model once, their KV cache repeated for every continuation.
+    Returns each continuation's new token ids, cut before its first stop token. `advance` hears of every token
+    written (rows × steps) at every step, and of the steps left once every row has stopped."""
+    device = model.device
+    repeats = len(seeds[0])
+    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = out.cache, out.logits[:, -1].repeat_interleave(repeats, dim=0)
+    cache.batch_repeat_interleave(repeats)
+    mask, positions = mask.repeat_interleave(repeats, dim=0), positions[:, -1:].repeat_interleave(repeats, dim=0)
+    generators = [torch.Generator(device=device).manual_seed(s) for row in seeds for s in row]
+    stops = torch.tensor(_stop_ids(model, tokenizer), device=device)
+    rows = len(generators)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    written: list[torch.Tensor] = []
+    for step in range(spec.max_new_tokens):
+        token = torch.where(done, stops[0], sample_next(logits, spec.temperature, spec.top_p, generators))
+        done |= torch.isin(token, stops)
+        written.append(torch.where(done, -1, token))
+        advance(rows)
+        if bool(done.all()) or step == spec.max_new_tokens - 1:
+            advance(rows * (spec.max_new_tokens - step - 1))
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+    tokens = torch.stack(written, dim=1).cpu().tolist()
+    cut = [row[: row.index(-1)] if -1 in row else row for row in tokens]
+    return [cut[i : i + repeats] for i in range(0, rows, repeats)]
+
+
+def use_expert(model: PreTrainedModel, expert: Expert, num_layers: int) -> None:
+    """Copy the expert's own MLP weights (no noise or residual scale: the expert as it was fine-tuned) into
+    the dense model, one tensor at a time; every MLP weight is replaced, so nothing of the last expert stays."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for layer in range(num_layers):
+            for projection in MLP_PROJECTIONS:
+                name = mlp_tensor(layer, projection)
+                params[name].copy_(expert.own_weight(name))
+
+
+def _batches(lengths: Sequence[int], spec: GenerateSpec) -> list[tuple[list[int], range]]:
+    """(prompt indices, sample numbers) decoded together: every sample of a few prompts, at most MAX_ROWS rows
+    (a prompt with more samples than that is cut into runs of MAX_ROWS) and about BATCH_TOKENS padded tokens."""
+    runs = [range(k, min(k + MAX_ROWS, spec.continuations)) for k in range(0, spec.continuations, MAX_ROWS)]
+    batches: list[tuple[list[int], range]] = []
+    for samples in runs:
+        group: list[int] = []
+        for p in range(len(lengths)):
+            longest = max([lengths[q] for q in group] + [lengths[p]])
+            rows = (len(group) + 1) * len(samples)
+            if group and (rows > MAX_ROWS or rows * (longest + spec.max_new_tokens) > BATCH_TOKENS):
+                batches.append((group, samples))
+                group = []
+            group.append(p)
+        if group:
+            batches.append((group, samples))
+    return batches
+
+
+def write_expert_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    experts: Sequence[Expert],
+    prompts: Sequence[Sequence[str]],
+    spec: GenerateSpec,
+    progress_task: Callable[[str, int], Callable[[int], None]],
+) -> list[Continuation]:
+    """Every expert's `spec.continuations` continuations of each of its prompts, in (expert, prompt, sample)
+    order, sampled from `spec.seed` (which must be set). `model` is the dense base, whose MLP weights are
+    overwritten expert by expert."""
+    num_layers = model.config.num_hidden_layers
+    total = sum(len(group) for group in prompts) * spec.continuations * spec.max_new_tokens
+    advance = progress_task(f"experts writing on {model.device.type} (tokens)", total)
+    written: list[Continuation] = []
+    for expert, group in zip(experts, prompts, strict=True):
+        if not group:
+            continue
+        use_expert(model, expert, num_layers)
+        lengths = [len(ids) for ids in tokenizer(list(group))["input_ids"]]
+        for chosen, samples in _batches(lengths, spec):
+            seeds = [[row_seed(spec.seed, expert.index, p, k) for k in samples] for p in chosen]
+            new = continue_batch(model, tokenizer, [group[p] for p in chosen], seeds, spec, advance)
+            for p, row_seeds, continuations in zip(chosen, seeds, new, strict=True):
+                for k, seed, ids in zip(samples, row_seeds, continuations, strict=True):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    written.append(Continuation(expert.index, p, k, group[p], text, len(ids), seed))
+    written.sort(key=lambda row: (row.expert, row.prompt_index, row.sample))
+    return written
+
+
+def labelled_texts(
+    written: Sequence[Continuation], names: Sequence[str], with_prompt: bool
+) -> tuple[list[str], list[int]]:
+    """Training texts and labels: each continuation (after its prompt when `with_prompt`), labelled with the
+    expert that wrote it. Blank continuations are left out; an expert that wrote nothing but blanks or
+    special tokens is refused, since its router would be fitted on no text of its own."""
+    texts, labels = [], []
+    for row in written:
+        if row.text.strip():
+            texts.append(row.prompt + row.text if with_prompt else row.text)
+            labels.append(row.expert)
+    for expert, name in enumerate(names):
+        mine = [row for row in written if row.expert == expert]
+        if not mine:
+            raise MoemergeError(
+                f"experts[{expert}] ({name}): has no positive prompts to continue, so it wrote nothing to fit its "
+                "router on; give it positive_prompts or use gate_mode: hidden"
+            )
+        blank = sum(not row.text.strip() for row in mine)
+        if blank == len(mine):
+            raise MoemergeError(
+                f"experts[{expert}] ({name}): all {blank} continuations it wrote are empty or special tokens only "
+                "(it ends its text at once), so there is nothing to fit its router on; give it longer prompts "
+                "that it continues, or use gate_mode: hidden"
+            )
+        if blank:
+            log.warning(f"experts[{expert}] ({name}): {blank} of {len(mine)} continuations were empty; left out")
+    return texts, labels
+
+
+def load_writer(path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """The dense base that the experts take turns in, on `device` in `dtype`."""
+    return load_model(path, dtype).to(device)

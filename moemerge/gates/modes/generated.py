@@ -1,0 +1,46 @@
+"""`generated`: the experts write their own labelled set from their positive prompts (gates/expert_texts.py),
+and the routers are fitted on it exactly as `trained` gates are fitted on a dataset (modes/trained.py's
+fit_labelled: the same sampling to the token budget, the same fit, the same held-out report). What they
+wrote goes to the output as generated_texts.jsonl."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from moemerge.gates.expert_texts import Continuation, labelled_texts, load_writer, write_expert_texts
+from moemerge.gates.modes.mode import GateContext, GateMode, GateResult, capture_dtype, release
+from moemerge.gates.modes.trained import fit_labelled
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS
+from moemerge.inputs.recipe import GenerateSpec
+
+# Fit on each prompt followed by its continuation, not on the continuation alone: measured in
+# benchmarks/generated_defaults.py (docs/decisions.md).
+WITH_PROMPT = True
+
+
+def settings(ctx: GateContext) -> GenerateSpec:
+    """The recipe's generate block, its seed defaulting to the merge's --seed."""
+    spec = ctx.recipe.generate
+    return spec if spec.seed is not None else spec.model_copy(update={"seed": ctx.seed})
+
+
+def _write(ctx: GateContext, spec: GenerateSpec) -> list[Continuation]:
+    """Every expert's continuations; the dense model that wrote them is let go before fitting starts."""
+    model = load_writer(ctx.base.path, ctx.device, capture_dtype(ctx.device, ctx.dtype))
+    try:
+        return write_expert_texts(model, ctx.tokenizer(), ctx.experts, ctx.prompts.positive, spec, ctx.progress.task)
+    finally:
+        del model
+        release(ctx.device)
+
+
+def compute(ctx: GateContext) -> GateResult:
+    spec = settings(ctx)
+    written = _write(ctx, spec)
+    names = ctx.recipe.expert_names()
+    texts, labels = labelled_texts(written, names, WITH_PROMPT)
+    result = fit_labelled(ctx, texts, labels, ctx.prompts.positive)
+    return replace(result, written=[row.record(names, spec) for row in written])
+
+
+MODES = (GateMode(GATE_MODE_SPECS["generated"], compute),)
