@@ -25,6 +25,7 @@ from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
 from moemerge.output.options import MergeOptions
 from moemerge.output.plan import build_plan, check_plan
 from moemerge.output.records import Made, write_records
+from moemerge.output.routing_picture import draw_routing_picture
 from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
 from moemerge.output.writer import PlannedTensor, write_json, write_shards
@@ -135,17 +136,30 @@ def merge(
         gates = pending.result()
         write_json(partial / CONFIG, config)
         copy_side_files(base.path, partial)
+        sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
         if recipe.training.tune_on_moe:
-            sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
             tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= tuned.shard_sha256
+        gate_names = {layer: output.gate_name(layer) for layer in sparse}
+        picture = draw_routing_picture(partial, recipe, prompts, context, gate_names)  # after tuning: final routers
         total = sum(t.numel for t in plan)
         per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
         active = total - per_expert * (len(experts) - recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
-            recipe, recipe_text, options, inputs, hub.sources, digests, gates.report, caveat, dtype, total, active
+            recipe,
+            recipe_text,
+            options,
+            inputs,
+            hub.sources,
+            digests,
+            gates.report,
+            caveat,
+            dtype,
+            total,
+            active,
+            picture,
         )
         write_records(partial, out.name, made)
         check_structure(partial)

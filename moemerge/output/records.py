@@ -15,6 +15,7 @@ from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
 from moemerge.output.open_inputs import Inputs
 from moemerge.output.options import MergeOptions
+from moemerge.output.routing_picture import PictureRecord
 from moemerge.output.writer import write_json
 
 RECIPE_COPY = "moemerge_recipe.yaml"
@@ -36,6 +37,7 @@ class Made:
     dtype: torch.dtype
     total_params: int
     active_params: int
+    picture: PictureRecord | None = None  # routing.png, or why there is none
 
 
 def write_records(partial: Path, name: str, made: Made) -> None:
@@ -54,7 +56,8 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "architecture": inputs.output.name,
             "dropped_tokens": inputs.dropped_tokens,
             DIGESTS: made.digests,  # checked by `moemerge verify`
-        },
+        }
+        | ({"routing_picture": made.picture.as_dict()} if made.picture is not None else {}),
     )
     training = made.training.as_dict() if made.training is not None else None
     if training is not None:
@@ -72,5 +75,6 @@ def write_records(partial: Path, name: str, made: Made) -> None:
         made.sources,
         training,
         made.options.hub_repo_id,
+        made.picture.as_dict() if made.picture is not None else None,
     )
     (partial / MODEL_CARD).write_text(card, encoding="utf-8")
