@@ -21,6 +21,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "moemerge.json"  # what the merge recorded: sources, expert names, shard digests
 DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 MODEL_CARD = "README.md"
+RECIPE_COPY = "moemerge_recipe.yaml"  # the recipe as given
+TRAINING_REPORT = "gate_training.json"  # trained gates' accuracy
+ROUTING_PICTURE = "routing.png"  # where the routers send the prompts, per layer
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER = "tokenizer.json"
 # What the output copies from the base besides weights: tokenizer, chat template, generation config.

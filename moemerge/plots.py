@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # One colour per expert (by index), matplotlib's tab10: the token colouring in the report uses the same ones.
 EXPERT_HEX = (
@@ -108,6 +109,7 @@ def lines(
     for (name, values), color in zip(series.items(), colors, strict=True):
         ax.plot(xs, values, marker=".", label=name, color=color)
     ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

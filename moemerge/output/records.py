@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moemerge.files import DIGESTS, MANIFEST, MODEL_CARD
+from moemerge.files import DIGESTS, MANIFEST, MODEL_CARD, RECIPE_COPY, TRAINING_REPORT
 from moemerge.gates.trained import TrainingReport
 from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
@@ -17,9 +17,6 @@ from moemerge.output.open_inputs import Inputs
 from moemerge.output.options import MergeOptions
 from moemerge.output.routing_picture import PictureRecord
 from moemerge.output.writer import write_json
-
-RECIPE_COPY = "moemerge_recipe.yaml"
-TRAINING_REPORT = "gate_training.json"
 
 
 @dataclass(frozen=True)

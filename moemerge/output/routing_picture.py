@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moemerge import plots
+from moemerge.files import ROUTING_PICTURE
 from moemerge.gates.compute import GateContext, capture_dtype
 from moemerge.gates.hidden import MAX_TOKENS
 from moemerge.gates.prompt_shares import first_choice_shares
@@ -18,7 +19,6 @@ from moemerge.inputs.prompts import ExpertPrompts, split_prompts
 from moemerge.inputs.recipe import Recipe
 from moemerge.inputs.sources import ModelSource
 
-ROUTING_PICTURE = "routing.png"
 PROMPTS_PER_EXPERT = 32  # enough for a share per layer; the picture costs a fraction of the gate pass
 RANDOM = ("random", "uniform_random")
 
