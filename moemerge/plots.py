@@ -118,22 +118,27 @@ def lines(
     return png(figure)
 
 
-def grouped_bars(
-    groups: Sequence[str], series: dict[str, Sequence[float | None]], ylabel: str, title: str, log: bool = False
-) -> bytes:
-    """Bars per group (a model size, a method), one bar per series; None leaves a gap."""
-    figure = Figure(figsize=(max(5.0, 1.1 * len(groups) * max(1, len(series)) * 0.6 + 2), 3.4), layout="constrained")
-    ax = figure.subplots()
-    width = 0.8 / max(1, len(series))
-    for s, (name, values) in enumerate(series.items()):
-        xs = [g + (s - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        heights = [v if v is not None else 0 for v in values]
-        bars = ax.bar(xs, heights, width, label=name, color=expert_color(s))
-        ax.bar_label(bars, [f"{v:.3g}" if v is not None else "" for v in values], fontsize=7)
-    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+def grouped_bars(groups: Sequence[str], charts: dict[str, dict[str, Sequence[float | None]]], title: str) -> bytes:
+    """Bar charts, one above the other, over the same groups (a model size, a method): `charts` maps each
+    chart's y label to its series (name → one value per group, None leaves a gap); bars carry their values."""
+    series_count = max(len(series) for series in charts.values())
+    width = max(4.0, 0.35 * len(groups) * series_count + 1.5)
+    figure = Figure(figsize=(width, 3.2 * len(charts) + 0.6), layout="constrained")
+    for ax, (ylabel, series) in zip(figure.subplots(len(charts), 1, squeeze=False)[:, 0], charts.items(), strict=True):
+        bar = 0.8 / max(1, len(series))
+        for s, (name, values) in enumerate(series.items()):
+            xs = [g + (s - (len(series) - 1) / 2) * bar for g in range(len(groups))]
+            bars = ax.bar(xs, [v or 0 for v in values], bar, label=name, color=expert_color(s))
+            ax.bar_label(bars, [f"{v:.3g}" if v is not None else "" for v in values], fontsize=7)
+        tilted = len(groups) > 4
+        ax.set_xticks(
+            range(len(groups)),
+            list(groups),
+            fontsize=8,
+            rotation=25 if tilted else 0,
+            ha="right" if tilted else "center",
+        )
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
     return png(figure)
