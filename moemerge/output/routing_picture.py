@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moemerge import plots
+import moemerge.plots as plots  # not `from moemerge import`: that reads as importing the package
 from moemerge.files import ROUTING_PICTURE
 from moemerge.gates.compute import GateContext, capture_dtype
 from moemerge.gates.hidden import MAX_TOKENS

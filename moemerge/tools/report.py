@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moemerge import plots
+import moemerge.plots as plots  # not `from moemerge import`: that reads as importing the package
 from moemerge.files import MANIFEST, RECIPE_COPY, ROUTING_PICTURE, TRAINING_REPORT, read_json_object
 from moemerge.tools.evaluate import EvalResult, evaluate
 from moemerge.tools.request_routing import Decision, decide
@@ -119,8 +119,8 @@ def _tokens_html(view: TextView, combinations: set[tuple[int, ...]]) -> str:
 def _decision_html(decision: Decision, names: list[str]) -> str:
     chosen = decision.report(names)["chosen"]
     return "<br>".join(
-        f'<span class="chip" style="background:{plots.expert_color(names.index(n))}"></span>{html.escape(n)} '
-        f"{weight:.2f}"
+        f'<span class="chip" style="background:{plots.expert_color(names.index(n))}"></span>'
+        f"{html.escape(n)} {weight:.2f}"
         for n, weight in chosen.items()
     )
 
