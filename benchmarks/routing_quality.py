@@ -26,7 +26,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
@@ -42,6 +42,7 @@ from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
 from moemerge import MergeOptions, merge, plots  # noqa: E402
 from moemerge.gates import hidden as hidden_gates  # noqa: E402
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs  # noqa: E402
 from moemerge.inputs.lora import LoraAdapter  # noqa: E402
 from moemerge.inputs.recipe import Recipe  # noqa: E402
 from moemerge.tools.evaluate import evaluate  # noqa: E402
@@ -166,32 +167,41 @@ class Method:
 
 
 def methods(chosen: list[str], gate_scales: list[float], dataset: Path) -> list[Method]:
-    """The rows asked for, in table order."""
+    """The rows asked for, in table order: one per gate mode in moemerge's registry, run over what its result
+    depends on (a mode that needs nothing: merge seeds; prompts: prompt subsets; a dataset: once, on the
+    benchmark's labelled set), hidden gates at each scale, and two baselines."""
+    varies = {Needs.NOTHING: "seed", Needs.PROMPTS: "prompts", Needs.DATASET: "once"}
     rows = {
-        "random": [Method("random", "random", varies="seed")],
-        "cheap_embed": [Method("cheap_embed", "cheap_embed")],
-        "class_mean": [
+        name: [
             Method(
-                "moemerge `hidden`, class means (no discriminant)",
-                "hidden",
-                patches={(hidden_gates, "SHRINKAGE"): 1.0},  # Σ shrunk all the way to the identity
+                name,
+                name,
+                {"dataset_csv": str(dataset)} if spec.needs is Needs.DATASET else {},
+                varies=varies[spec.needs],
             )
-        ],
-        "mergekit": [Method("mergekit-moe `hidden` (0.1.5)", None)],
-        "hidden": [
-            Method(
-                f"moemerge `hidden`, gate_scale {scale:g}{' (default)' * (scale == DEFAULT_SCALE)}",
-                "hidden",
-                {"gate_scale": scale},
-            )
-            for scale in gate_scales
-        ],
-        "trained": [Method("moemerge `trained`", "trained", {"dataset_csv": str(dataset)}, varies="once")],
+        ]
+        for name, spec in GATE_MODE_SPECS.items()
     }
+    rows["hidden"] = [
+        Method(
+            f"moemerge `hidden`, gate_scale {scale:g}{' (default)' * (scale == DEFAULT_SCALE)}",
+            "hidden",
+            {"gate_scale": scale},
+        )
+        for scale in gate_scales
+    ]
+    rows["class_mean"] = [
+        Method(
+            "moemerge `hidden`, class means (no discriminant)",
+            "hidden",
+            patches={(hidden_gates, "SHRINKAGE"): 1.0},  # Σ shrunk all the way to the identity
+        )
+    ]
+    rows["mergekit"] = [Method("mergekit-moe `hidden` (0.1.5)", None)]
     return [method for name in chosen for method in rows[name]]
 
 
-METHODS = ("random", "cheap_embed", "class_mean", "mergekit", "hidden", "trained")
+METHODS = ("mergekit", "class_mean", *GATE_MODE_SPECS)  # baselines, then every gate mode moemerge has
 
 
 def summarise(name: str, runs: list[dict], oracle_mean: float) -> dict:
@@ -264,6 +274,9 @@ def main() -> None:
         report = json.loads(args.json.read_text())
         write_figure(args.figure, report["rows"], report["domains"], report["invocation"], report["date"])
         return
+    chosen = [m for m in args.methods.split(",") if m]
+    if unknown := set(chosen) - set(METHODS):
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     args.workdir.mkdir(parents=True, exist_ok=True)
     base = build_base(ROOT / "examples" / ".cache" / "smollm2-base")
@@ -279,7 +292,7 @@ def main() -> None:
     print(table(rows), flush=True)
     dataset = write_dataset(args.workdir / "train.csv", args.train_prompts)
     scales = [float(s) for s in args.gate_scales.split(",") if s]
-    for method in methods([m for m in args.methods.split(",") if m], scales, dataset):
+    for method in methods(chosen, scales, dataset):
         if method.gate_mode is None and not shutil.which(args.mergekit):
             print(f"skipping {method.name}: {args.mergekit} not found", flush=True)
             continue
@@ -307,7 +320,7 @@ def main() -> None:
 def write(args: argparse.Namespace, oracle: list[float], rows: list[dict], runs: list[dict]) -> None:
     """The JSON of every run so far and the markdown table made from them, headed by command, date, machine."""
     invocation = "python benchmarks/routing_quality.py " + " ".join(sys.argv[1:])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     if args.json:
         result = {"invocation": invocation, "date": date, "machine": machine(), "domains": DOMAINS}
         args.json.write_text(json.dumps({**result, "oracle": oracle, "rows": rows, "runs": runs}, indent=2) + "\n")

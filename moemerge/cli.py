@@ -28,8 +28,9 @@ except ImportError:  # pragma: no cover
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError, OptionError
 from moemerge.hub.push import PushFailed, check_push_target, push
+from moemerge.inputs.gate_modes import modes_help
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
-from moemerge.interrupt import EXIT_CODE, STOPPED, handling_sigint, interrupted
+from moemerge.interrupt import EXIT_CODE, exit_code, handling_signals, interrupted, stopped_line
 from moemerge.output.merge import MergeSummary, merge
 from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
@@ -119,7 +120,7 @@ def _global(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks
     DEBUG["on"] = debug
 
 
-@app.command("merge")
+@app.command("merge", help=f"Merge RECIPE into the folder OUT.\n\nThe recipe's gate_mode: {modes_help()}.")
 def merge_command(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML (mergekit-moe format).")],
     out: Annotated[Path, typer.Argument(help="Output folder; must not exist unless --force.")],
@@ -140,7 +141,6 @@ def merge_command(
     revision: Annotated[str | None, typer.Option(help="Push to this branch (with --push-to-hub).")] = None,
     create_pr: Annotated[bool, typer.Option(help="Push as a pull request (with --push-to-hub).")] = False,
 ) -> None:
-    """Merge RECIPE into the folder OUT."""
     if push_to_hub is not None:  # a bad target or a missing token is refused before the merge, not after it
         check_push_target(push_to_hub, revision, create_pr)
     elif private or revision or create_pr:
@@ -217,6 +217,7 @@ def route_command(
                 "tokens": r.logits.shape[1],
                 "shares": dict(zip(names, r.shares().tolist(), strict=True)),
                 "top_expert": names[int(r.shares().argmax())],
+                "layers": list(r.layers),
                 "layer_top_expert": [names[int(i)] for i in r.layer_top1()],
                 "layer_shares": r.layer_shares().tolist(),
                 "request": {"top_k": request_top_k, "chosen": chosen},
@@ -228,7 +229,7 @@ def route_command(
     top_k = model.config.num_experts_per_tok
     table = Table(title=f"routing (top-{top_k}); layer strip: most tokens' first-choice expert")
     table.add_column("prompt", max_width=40, overflow="ellipsis", no_wrap=True)
-    table.add_column("layers 0→" + str(model.config.num_hidden_layers - 1))
+    table.add_column("layers " + " ".join(map(str, results[0][1].layers)))
     for name in names:
         table.add_column(name, justify="right")
     table.add_column(f"request top-{request_top_k}")
@@ -286,7 +287,7 @@ def eval_command(
     console = Console()
     console.print(table)
     strip = " ".join(f"{a:.2f}" for a in result.layer_accuracy)
-    console.print(f"per layer: {strip}")
+    console.print(f"per layer ({' '.join(map(str, result.layers))}): {strip}")
     console.print(
         f"request accuracy: share of texts whose request-level decision (top-{request_top_k}, mean router "
         "probability over the text) puts their label first"
@@ -423,7 +424,7 @@ def _with_default_verb(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    with handling_sigint():  # first: a Ctrl-C from here on ends in one line and exit 130
+    with handling_signals():  # first: a Ctrl-C (SIGTERM, SIGHUP) from here on ends in one line and exit 130 (143, 129)
         logging.basicConfig(
             level=logging.WARNING,
             format="%(message)s",
@@ -434,8 +435,8 @@ def main() -> None:
         except KeyboardInterrupt:
             code = EXIT_CODE
         if code == EXIT_CODE or interrupted():  # typer turns Ctrl-C into 130; one swallowed elsewhere sets the flag
-            err.print(STOPPED, style="red", highlight=False)
-            sys.exit(EXIT_CODE)
+            err.print(stopped_line(), style="red", highlight=False)
+            sys.exit(exit_code())
         if isinstance(code, int) and code:
             sys.exit(code)
 
@@ -465,6 +466,6 @@ def _run(argv: list[str]) -> int | None:
 def _fail(line: str, code: int) -> int:
     """Print the error line, unless a Ctrl-C caused the error: then the interruption is the one line."""
     if interrupted():
-        return EXIT_CODE
+        return exit_code()
     err.print(line, soft_wrap=True, highlight=False)
     return code

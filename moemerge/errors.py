@@ -5,9 +5,12 @@ Library errors name settings by their Python names (a keyword argument such as `
 
 from __future__ import annotations
 
+import errno
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+NO_ROOM = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})  # a write failed for want of space or of ulimit -f
 
 
 class MoemergeError(Exception):

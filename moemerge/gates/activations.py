@@ -14,6 +14,8 @@ import tempfile
 
 import torch
 
+from moemerge.errors import NO_ROOM, MoemergeError
+
 DEFAULT_BUDGET = 512 * 2**20  # bytes of hidden states kept in memory before they go to disk
 
 
@@ -30,8 +32,26 @@ class Activations:
         self.sizes = sizes
         self.on_disk = sum(sizes) > budget
         self._memory: list[torch.Tensor | None] = [None] * len(shapes)
+        self._file = self._spill_file(sum(sizes)) if self.on_disk else None
+
+    @staticmethod
+    def _spill_file(size: int):
+        """The temporary file, its whole size reserved now: a TMPDIR without room (or a `ulimit -f` below the
+        size) is refused before the first layer, naming TMPDIR, not as a write error of the merge's output."""
         # closed by close(), which the `with` block the capture uses calls
-        self._file = tempfile.TemporaryFile(prefix="moemerge-activations-") if self.on_disk else None  # noqa: SIM115
+        spill = tempfile.TemporaryFile(prefix="moemerge-activations-")  # noqa: SIM115
+        try:
+            os.posix_fallocate(spill.fileno(), 0, size)
+        except OSError as exc:
+            spill.close()
+            if exc.errno not in NO_ROOM:
+                raise
+            raise MoemergeError(
+                f"the gate pass keeps {size / 2**30:.1f} GiB of hidden states in a temporary file in "
+                f"{tempfile.gettempdir()} (TMPDIR), which cannot hold it: {exc.strerror}; set TMPDIR to a folder "
+                "with room"
+            ) from None
+        return spill
 
     def __enter__(self) -> Activations:
         return self

@@ -15,7 +15,7 @@ from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager, suppress
 from functools import partial
 
-from moemerge.gates.compute import GateResult
+from moemerge.gates.modes.mode import GateResult
 from moemerge.interrupt import shielded
 from moemerge.progress import Progress
 

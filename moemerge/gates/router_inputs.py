@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moemerge.errors import MoemergeError
 from moemerge.gates.activations import DEFAULT_BUDGET, Activations
 from moemerge.gates.layer_stream import LayerStack
 from moemerge.inputs.sources import ModelSource
@@ -31,12 +32,19 @@ if TYPE_CHECKING:
 # CPU (about 2x faster capture at 256 short prompts per batch than at 16 on the 1b base), and this cap keeps
 # long prompts from making a batch's activations large whatever batch_size allows.
 BATCH_TOKENS = 4096
+PAD = "<moemerge-pad>"  # a pad token for a tokenizer that has none to lend (pad_ready)
 
 
 def pad_ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Batching needs a pad token; set one on this in-memory copy only, never on what we save."""
+    """Batching needs a pad token; set one on this in-memory copy only, never on what we save. A tokenizer
+    with no pad, eos or unk token gets a new one: its id may lie past the embedding, so `prompt_batches`
+    writes 0 at padded positions (which no real token sees), and no token that text can hold becomes special."""
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+        else:
+            tokenizer.pad_token = fallback
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -111,7 +119,8 @@ def prompt_batches(
         attention = batch["attention_mask"].bool()
         real = attention & ~batch["special_tokens_mask"].bool()
         real = torch.where(real.any(dim=1, keepdim=True), real, attention)
-        batches.append(PromptBatch(chosen, batch["input_ids"], batch["attention_mask"], real))
+        ids = batch["input_ids"].masked_fill(~attention, 0)  # right padding under causal attention: never seen
+        batches.append(PromptBatch(chosen, ids, batch["attention_mask"], real))
     return batches
 
 
@@ -183,8 +192,21 @@ class RouterInputs:
                     if not last:
                         hidden[i] = out
                     tokens = seen.pop()[batch.real.to(out.device)].float()
+                    if not torch.isfinite(tokens).all():
+                        raise MoemergeError(_overflow(layer, self.options.dtype))
                     if on_batch:
                         on_batch(len(batch.prompts))
                     yield i, tokens if kept is None else tokens[kept[i]]
             finally:
                 hook.remove()
+
+
+def _overflow(layer: int, dtype: torch.dtype) -> str:
+    """Finite weights can still compute hidden states beyond the dtype's range: then no gate can be fitted on them
+    (the solve would fail on infinities), so say where and what to try."""
+    name = str(dtype).removeprefix("torch.")
+    remedy = "gate_mode random sets routers without running the base" if dtype == torch.float32 else "try dtype float32"
+    return (
+        f"base_model: the router inputs of layer {layer} are not finite: the base's hidden states overflow {name} on "
+        f"the prompts (its weights are finite); {remedy}"
+    )

@@ -65,8 +65,10 @@ class Expert:
 
     def own_weight(self, name: str) -> torch.Tensor:
         """This expert's own version of any weight, float32, without noise or residual scale: its model's (the
-        embeddings for the lm_head of a tied model), plus its adapter's delta where the adapter adapts it."""
-        weight = self.model.tensors.load(stored_name(self.model, name)).float()
+        embeddings for the lm_head of a tied model) or the whole weight its adapter saves (modules_to_save),
+        plus its adapter's delta where the adapter adapts it."""
+        whole = self.adapter.whole(name) if self.adapter else None
+        weight = (whole if whole is not None else self.model.tensors.load(stored_name(self.model, name))).float()
         delta = self.adapter.delta(name, tuple(weight.shape)) if self.adapter else None
         return weight if delta is None else weight + delta
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from moemerge.errors import MoemergeError
-from moemerge.inputs.recipe import PROMPT_MODES, Recipe
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs
+from moemerge.inputs.recipe import Recipe
 from moemerge.inputs.sources import find_path
 
 log = logging.getLogger("moemerge")
@@ -61,8 +63,12 @@ def read_prompt_file(path: Path, key: str) -> list[str]:
 
 def read_dataset_csv(path: Path, names: list[str]) -> list[tuple[str, int]]:
     """`prompt,expert` rows; expert is a 0-based index or a name. Quoted prompts may span lines."""
+    limit = csv.field_size_limit()
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte order mark is not a column
+            # The csv module refuses fields over 131,072 characters; no field is longer than the file, so that
+            # bound (for this read only: the limit is process-wide) lets long prompts through.
+            csv.field_size_limit(max(limit, os.fstat(handle.fileno()).st_size + 1))
             reader = csv.DictReader(handle)
             missing = {"prompt", "expert"} - set(reader.fieldnames or [])
             if missing:
@@ -72,6 +78,8 @@ def read_dataset_csv(path: Path, names: list[str]) -> list[tuple[str, int]]:
         raise MoemergeError(f"{path}: not UTF-8 text") from None
     except csv.Error as exc:
         raise MoemergeError(f"{path}: malformed CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     labelled = []
     for number, row in enumerate(rows, start=2):
         prompt, expert = (row.get("prompt") or ""), (row.get("expert") or "").strip()
@@ -113,7 +121,8 @@ def gather_prompts(recipe: Recipe, recipe_dir: Path) -> ExpertPrompts:
         labelled = read_dataset_csv(files[-1], recipe.expert_names())
         for prompt, expert in labelled:
             positive[expert].append(prompt)
-    if recipe.gate_mode in PROMPT_MODES:
+    mode = GATE_MODE_SPECS[recipe.gate_mode]
+    if mode.needs_prompts:
         for i, prompts in enumerate(positive):
             if prompts:
                 continue
@@ -125,7 +134,7 @@ def gather_prompts(recipe: Recipe, recipe_dir: Path) -> ExpertPrompts:
                 f"experts[{i}]: its positive prompts are empty; its router row is built from its negative prompts "
                 "alone (it is chosen for what is unlike them)"
             )
-    if recipe.gate_mode == "trained":
+    if mode.needs is Needs.DATASET:
         _check_training_rows(recipe, labelled, Path(recipe.dataset_csv or ""))
     return ExpertPrompts(positive, negative, labelled, files)
 

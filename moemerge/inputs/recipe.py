@@ -10,10 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moemerge.errors import MoemergeError
+from moemerge.inputs.gate_modes import DEFAULT_GATE_MODE, GATE_MODE_SPECS, Needs, mode_list
 
-GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "trained"]
 NonExpertPolicy = Literal["base", "average"]  # where attention, norms, embeddings and dense MLPs come from
-PROMPT_MODES = ("hidden", "cheap_embed", "trained")
 # The output formats `architecture:` may name (moemerge.formats writes each), and mergekit-moe's spellings of
 # them, so its recipes read unchanged.
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -91,6 +90,16 @@ class TrainingSpec(BaseModel):
     layers: list[Annotated[int, Field(ge=0)]] | None = None
     tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (gates/on_moe.py)
 
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value == []:
+            raise ValueError("names no layer; list the layers to train, e.g. [8, 9, 10], or leave it out to train all")
+        repeated = sorted({layer for layer in value or () if value.count(layer) > 1})
+        if repeated:
+            raise ValueError(f"lists layer {repeated[0]} more than once; list each layer once, e.g. [8, 9, 10]")
+        return value
+
 
 class Recipe(BaseModel):
     """A whole merge: base model, experts, and how the routers are set."""
@@ -99,7 +108,7 @@ class Recipe(BaseModel):
 
     base_model: str = Field(min_length=1)
     experts: list[ExpertSpec] = Field(min_length=2)
-    gate_mode: GateMode = "hidden"
+    gate_mode: str = DEFAULT_GATE_MODE  # a name in moemerge.inputs.gate_modes
     dtype: str | None = None
     experts_per_token: int = Field(default=2, ge=1, strict=True)
     gate_scale: float = Field(default=30.0, gt=0, le=MAX_SCALE)  # measured: benchmarks/routing_quality.py
@@ -131,6 +140,13 @@ class Recipe(BaseModel):
             raise ValueError(f"unknown architecture {value!r}; moemerge writes {', '.join(ARCHITECTURES)}")
         return key
 
+    @field_validator("gate_mode", mode="before")
+    @classmethod
+    def _known_gate_mode(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value not in GATE_MODE_SPECS:
+            raise ValueError(f"unknown gate mode {value!r}; use {mode_list()}")
+        return value
+
     @field_validator("shared_experts", mode="before")
     @classmethod
     def _shared_as_list(cls, value: Any) -> Any:
@@ -158,9 +174,10 @@ class Recipe(BaseModel):
                 f"experts_per_token is {self.experts_per_token} but the recipe has only "
                 f"{len(self.experts)} experts; lower experts_per_token"
             )
-        if self.gate_mode == "trained" and not self.dataset_csv:
-            raise ValueError("gate_mode trained needs dataset_csv: a CSV of prompt,expert rows to train on")
-        if self.gate_mode in PROMPT_MODES and not self.dataset_csv:
+        mode = GATE_MODE_SPECS[self.gate_mode]
+        if mode.needs is Needs.DATASET and not self.dataset_csv:
+            raise ValueError(f"gate_mode {self.gate_mode} needs dataset_csv: a CSV of prompt,expert rows to train on")
+        if mode.needs_prompts and not self.dataset_csv:
             for i, expert in enumerate(self.experts):
                 negatives = [p for p in expert.negative_prompts if p.strip()] or expert.negative_prompts_file
                 positives = [p for p in expert.positive_prompts if p.strip()] or expert.positive_prompts_file
@@ -225,8 +242,6 @@ def _describe(error: dict[str, Any]) -> str:
         hint = f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(_valid_keys(loc[:-1]))}"
         return f"{path}: unknown key{hint}"
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "literal_error" and loc[-1] == "gate_mode":
-        message = f"unknown gate mode {error['input']!r}; use hidden, cheap_embed, random, uniform_random or trained"
     if error["type"] == "too_long" and loc[-1] == "shared_experts":
         message = "at most one shared expert: the Qwen2-MoE format holds one per layer"
     return f"{path}: {message}" if path else message

@@ -10,16 +10,10 @@ import yaml
 
 from moemerge.files import MODEL_CARD
 from moemerge.hub.ids import origin_name, parse_hub_id
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS
 from moemerge.inputs.recipe import Recipe
 
 PROMPTS_SHOWN = 5
-GATE_MODES = {
-    "hidden": "set from the hidden states each router really sees, for each expert's prompts",
-    "cheap_embed": "set from the mean token embeddings of each expert's prompts",
-    "trained": "trained on labelled prompts (the router inputs of a dataset, per layer)",
-    "random": "random (standard normal); the model needs fine-tuning to route meaningfully",
-    "uniform_random": "random (uniform); the model needs fine-tuning to route meaningfully",
-}
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(?:\n|\Z)", re.DOTALL)
 
 
@@ -127,7 +121,7 @@ def _routing(recipe: Recipe, names: list[str], training: dict[str, Any] | None, 
             ]
         return "\n".join(lines)
     return (
-        f"The routers were {GATE_MODES.get(recipe.gate_mode, recipe.gate_mode)}; their accuracy has not been "
+        f"The routers were {GATE_MODE_SPECS[recipe.gate_mode].card}; their accuracy has not been "
         "measured. To measure it, write a CSV of `prompt,expert` rows that were not used to build the gates "
         "and run:\n\n"
         f"```bash\nmoemerge eval {model_ref} held_out.csv      # routing accuracy per expert and per layer\n"
@@ -221,7 +215,7 @@ from the base; each expert contributes its MLP; a router in every layer sends ea
 | | |
 |---|---|
 | experts | {len(names)}, {recipe.experts_per_token} per token |
-| gate mode | `{recipe.gate_mode}`: {GATE_MODES.get(recipe.gate_mode, "")} |
+| gate mode | `{recipe.gate_mode}`: {GATE_MODE_SPECS[recipe.gate_mode].card} |
 | layers | {stats["layers"]} |{_shared_row(recipe)}
 | parameters | {stats["total_params"]:,} total, {stats["active_params"]:,} active per token ({share:.0f}%) |{dtype}
 

@@ -16,7 +16,8 @@ from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
 from moemerge.gates.background import gates_in_background
-from moemerge.gates.compute import GateContext, GateResult, compute_gates
+from moemerge.gates.modes import compute_gates
+from moemerge.gates.modes.mode import GateContext, GateResult
 from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
 from moemerge.inputs.prompts import gather_prompts
@@ -60,20 +61,41 @@ def _layout(recipe: Recipe, inputs: Inputs, dtype_name: str) -> MoeLayout:
 
 
 def _tuning_prompts(recipe: Recipe, labelled: list[tuple[str, int]], positive: list[list[str]]) -> list:
-    """The labelled prompts that tune routers on the MoE: the dataset's, else each expert's positive prompts."""
-    prompts = labelled or [(text, e) for e, group in enumerate(positive) for text in group]
-    if recipe.training.tune_on_moe and len({label for _, label in prompts}) < 2:
+    """The labelled prompts that tune routers on the MoE: the dataset's rows, and each expert's positive prompts
+    where the dataset has no rows of it. An expert with no prompt at all would be tuned never to be chosen (and
+    held-out accuracy, measured without it, would not show it), so it is refused before any work."""
+    covered = {label for _, label in labelled}
+    prompts = list(labelled)
+    for e, group in enumerate(positive):
+        if e not in covered:
+            prompts += [(text, e) for text in group]
+    if not recipe.training.tune_on_moe:
+        return prompts
+    names, found = recipe.expert_names(), {label for _, label in prompts}
+    if len(found) < 2:
         raise MoemergeError(
             "training.tune_on_moe: routers are tuned on labelled prompts of at least two experts; give the experts "
             "positive_prompts or a dataset_csv"
         )
+    for e in range(len(positive)):
+        if e not in found:
+            raise MoemergeError(
+                f"training.tune_on_moe: experts[{e}] ({names[e]}) has no positive prompts or dataset rows to tune "
+                "on, so tuning would learn never to route to it; give it positive_prompts"
+            )
+        if labelled and e not in covered:
+            log.warning(
+                f"training.tune_on_moe: experts[{e}] ({names[e]}) has no rows in {Path(recipe.dataset_csv).name}; "
+                "its positive prompts stand in for them, so that tuning does not learn never to route to it"
+            )
     return prompts
 
 
 def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateResult]) -> Callable[[int], None]:
     """The writing's progress, which stops the writing at the next tensor once the gate pass has refused its
-    input (training.layers, the base's tokenizer): otherwise that error comes at the routers, after every shard.
-    Other gate errors still wait for the routers, so that a bad source tensor is named by the writer first."""
+    input (hidden states that overflow, no room for the activation spill): otherwise that error comes at the
+    routers, after every shard. Other gate errors still wait for the routers, so that a bad source tensor is
+    named by the writer first."""
 
     def checked(units: int) -> None:
         if pending.done() and isinstance(error := pending.exception(), MoemergeError):
@@ -122,12 +144,20 @@ def merge(
         log.warning(f"{output.name}: {caveat}")
     check_plan(_plan(inputs, recipe, layout, None, dtype), output.expected_tensors(config), output.name)
     context = GateContext(
-        base, shape.num_layers, shape.hidden_size, device, dtype, options.seed, options.batch_size, progress
+        recipe,
+        prompts,
+        base,
+        experts,
+        shape.num_layers,
+        shape.hidden_size,
+        device,
+        dtype,
+        options.seed,
+        options.batch_size,
+        progress,
     )
     with (
-        gates_in_background(
-            lambda shown: compute_gates(recipe, prompts, replace(context, progress=shown)), progress
-        ) as pending,
+        gates_in_background(lambda shown: compute_gates(replace(context, progress=shown)), progress) as pending,
         staged_output(out, options.force) as partial,
     ):
         plan = _plan(inputs, recipe, layout, lambda: pending.result().rows, dtype)
@@ -142,7 +172,7 @@ def merge(
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= tuned.shard_sha256
         gate_names = {layer: output.gate_name(layer) for layer in sparse}
-        picture = draw_routing_picture(partial, recipe, prompts, context, gate_names)  # after tuning: final routers
+        picture = draw_routing_picture(partial, context, gate_names)  # after tuning: final routers
         total = sum(t.numel for t in plan)
         per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
         active = total - per_expert * (len(experts) - recipe.experts_per_token)

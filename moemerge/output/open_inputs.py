@@ -115,7 +115,23 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
             log.warning(f"{expert.label}: {len(tokens)} added token(s) left out; the MoE uses the base's vocabulary")
             dropped[expert.label] = tokens
         expert.check(base, shape.num_layers, all_adapted=averaged and expert in experts)
-    beyond = [layer for layer in recipe.moe_layers or () if layer >= shape.num_layers]
-    if beyond:
-        raise MoemergeError(f"moe_layers: layer {beyond[0]} does not exist; the base has {shape.num_layers} layers")
+    _check_layers(recipe, shape.num_layers)
     return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
+
+
+def _check_layers(recipe: Recipe, num_layers: int) -> None:
+    """The layers the recipe names exist, and the layers it trains have routers: before any work, since the
+    gates would otherwise refuse them only once the shards are being written."""
+    beyond = [layer for layer in recipe.moe_layers or () if layer >= num_layers]
+    if beyond:
+        raise MoemergeError(f"moe_layers: layer {beyond[0]} does not exist; the base has {num_layers} layers")
+    trained = recipe.training.layers or []
+    beyond = [layer for layer in trained if layer >= num_layers]
+    if beyond:
+        raise MoemergeError(f"training.layers: layer {beyond[0]} does not exist; the base has {num_layers} layers")
+    dense = [layer for layer in trained if recipe.moe_layers is not None and layer not in recipe.moe_layers]
+    if dense:
+        raise MoemergeError(
+            f"training.layers: layer {dense[0]} stays dense (moe_layers: {recipe.moe_layers}), so it has no router to "
+            "train; list layers from moe_layers"
+        )

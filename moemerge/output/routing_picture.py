@@ -9,12 +9,10 @@ from pathlib import Path
 
 import moemerge.plots as plots  # not `from moemerge import`: that reads as importing the package
 from moemerge.files import ROUTING_PICTURE
-from moemerge.gates.compute import GateContext, capture_dtype
 from moemerge.gates.hidden import MAX_TOKENS
+from moemerge.gates.modes.mode import GateContext
 from moemerge.gates.prompt_shares import first_choice_shares
-from moemerge.gates.router_inputs import CaptureOptions, pad_ready
 from moemerge.gates.trained import labelled_sample
-from moemerge.hf import load_tokenizer
 from moemerge.inputs.prompts import ExpertPrompts, split_prompts
 from moemerge.inputs.recipe import Recipe
 from moemerge.inputs.sources import ModelSource
@@ -53,26 +51,20 @@ def _picture_prompts(recipe: Recipe, prompts: ExpertPrompts, tokenizer, hidden: 
     return [t for t, _ in pairs], [e for _, e in pairs], "each expert's own prompts", MAX_TOKENS
 
 
-def draw_routing_picture(
-    partial: Path,
-    recipe: Recipe,
-    prompts: ExpertPrompts,
-    context: GateContext,
-    gate_names: dict[int, str],
-) -> PictureRecord:
+def draw_routing_picture(partial: Path, context: GateContext, gate_names: dict[int, str]) -> PictureRecord:
     """Draw routing.png into `partial` from the routers written there (`gate_names`: sparse layer → tensor
     name), or say why there is nothing to draw."""
-    layers = sorted(gate_names)
+    recipe, layers = context.recipe, sorted(gate_names)
     if recipe.gate_mode in RANDOM:
         reason = "the routers are random, so their routing carries no information about the experts"
         return PictureRecord(None, "", 0, layers, reason)
-    tokenizer = pad_ready(load_tokenizer(context.base.path))
-    texts, groups, what, max_tokens = _picture_prompts(recipe, prompts, tokenizer, context.hidden_size)
+    tokenizer = context.tokenizer()
+    texts, groups, what, max_tokens = _picture_prompts(recipe, context.prompts, tokenizer, context.hidden_size)
     if not texts or not layers:
         return PictureRecord(None, what, 0, layers, "there are no prompts or no MoE layers to route")
     written = ModelSource(partial, "the output").tensors
     routers = {layer: written.load(name).float() for layer, name in gate_names.items()}
-    options = CaptureOptions(context.device, capture_dtype(context.device, context.dtype), context.batch_size)
+    options = context.capture_options(context.batch_size)
     advance = context.progress.task("routing picture", len(texts) * (layers[-1] + 1))
     shares = first_choice_shares(context.base, tokenizer, texts, groups, routers, options, max_tokens, advance)
     names = recipe.expert_names()

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import ctypes
-import errno
+import fcntl
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from moemerge.errors import MoemergeError, OptionError
+from moemerge.errors import NO_ROOM, MoemergeError, OptionError
 from moemerge.interrupt import interrupted, shielded
 
 PARTIAL_TAG = "moemerge-partial"
 AT_FDCWD = -100
 RENAME_EXCHANGE = 2
-_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def output_folder(out: Path) -> Path:
@@ -55,27 +55,53 @@ def _existing_parent(path: Path) -> Path:
     return parent
 
 
-def _alive(pid: int) -> bool:
+def _lock(folder: Path) -> int | None:
+    """An exclusive flock on `folder`, held while the returned descriptor is open; None when another process
+    holds it, or where the filesystem has no such locks (then nothing is ever taken for a leftover). The kernel
+    drops a lock when its holder dies, in whatever PID namespace (container) that runs, so a held lock means a
+    live merge and a free one a leftover: a PID in the name cannot tell the two apart across containers."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def clean_stale_partials(out: Path) -> list[Path]:
-    """Remove partial folders for OUT left by merges that were killed (their process is gone)."""
+    """Remove partial folders for OUT left by merges that were killed: those whose lock no process holds."""
     removed = []
     if not out.parent.is_dir():
         return removed
     for leftover in out.parent.glob(f".{out.name}.{PARTIAL_TAG}-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if leftover.is_symlink() or not leftover.is_dir():
+            continue  # not made by a merge
+        try:
+            fd = _lock(leftover)
+        except OSError:
+            continue  # another merge removed it first, or it is not ours to open
+        if fd is None:
+            continue  # a merge is writing into it
+        try:
             _remove(leftover)
-            removed.append(leftover)
+        finally:
+            os.close(fd)
+        removed.append(leftover)
     return removed
+
+
+def _new_partial(out: Path) -> tuple[Path, int | None]:
+    """A fresh partial folder beside OUT and its lock. Its name is unique (PID and random letters: merges in
+    two containers may both run as PID 1), and it is made and locked under a name the cleanup does not look
+    at, then renamed, so another merge's cleanup never finds it unlocked."""
+    unique = f"{os.getpid()}-{secrets.token_hex(6)}"
+    making = out.parent / f".{out.name}.moemerge-new-{unique}"
+    making.mkdir()  # not mkdtemp: its 0700 would become the output's mode
+    lock = _lock(making)
+    partial = out.parent / f".{out.name}.{PARTIAL_TAG}-{unique}"
+    making.rename(partial)
+    return partial, lock
 
 
 def _remove(path: Path) -> None:
@@ -104,21 +130,20 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     created = _missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(out)
-    partial = out.parent / f".{out.name}.{PARTIAL_TAG}-{os.getpid()}"
-    _remove(partial)
-    partial.mkdir()
+    partial, lock = _new_partial(out)
     try:
         yield partial
+        _fsync_tree(partial)
         if interrupted():
             raise KeyboardInterrupt
         if out.exists():
             if not force:
                 raise MoemergeError(f"{out} appeared while merging; it was left as it is and nothing was written")
             _exchange(partial, out)
-            _remove(partial)
+            _remove(partial)  # now the old OUT
         else:
             partial.rename(out)
-        _fsync_dir(out.parent)
+        _fsync(out.parent)  # the rename itself
     except BaseException as exc:
         with shielded():
             _remove(partial)
@@ -127,9 +152,12 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
                     folder.rmdir()
                 except OSError:
                     break  # no longer empty: something else now lives there
-        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:  # the OS names the source a copy came from
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:  # the OS names the source a copy came from
             raise MoemergeError(f"could not write {out}: {exc.strerror}; free disk space or write elsewhere") from None
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def _exchange(new: Path, old: Path) -> None:
@@ -142,14 +170,25 @@ def _exchange(new: Path, old: Path) -> None:
         and renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(old), RENAME_EXCHANGE) == 0
     ):
         return
-    aside = old.parent / f".{old.name}.moemerge-replaced-{os.getpid()}"
+    aside = new.with_name(new.name.replace(PARTIAL_TAG, "moemerge-replaced", 1))
     old.rename(aside)
     new.rename(old)
     aside.rename(new)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder of the output to disk before the rename makes it OUT: after a power loss,
+    OUT is then whole, not files that a later step rewrote in place (tune_on_moe's routers) or wrote last (the
+    JSON records, the digests among them) still holding stale or no bytes under a name that says done. The
+    shards were flushed as they were written, so this waits mostly for the small files."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # a folder's entries before the folder
+        if not path.is_symlink():
+            _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -11,7 +11,8 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused
+from moemerge.interrupt import Stopped
+from moemerge.tools.engine import Delta, Engine, Finished, RequestRefused, check_seed
 from moemerge.tools.request_routing import RequestRouting, RoutingPlan, decision_text
 from moemerge.tools.routing import EXPERT_COLORS
 
@@ -54,6 +55,7 @@ def chat(
     """Read a message, stream the answer token by token, show the experts' shares; until /quit or end of input.
 
     With request routing each answer runs on the experts decided from the conversation's user messages."""
+    check_seed(seed)
     console = console or Console(highlight=False)
     engine = Engine.load(out, device, routing)
     console.print(
@@ -122,8 +124,10 @@ def _stream_answer(
                 console.file.flush()
             else:
                 final = event
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         steps.close()
+        if isinstance(exc, Stopped):  # SIGTERM/SIGHUP end the chat, not just this answer
+            raise
         console.print(" [dim](stopped)[/dim]", end="")
     console.print()
     return "".join(pieces), final

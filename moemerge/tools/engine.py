@@ -6,7 +6,8 @@ Plain torch + transformers, no transport: the HTTP server (tools/serve.py) and t
 error with the parameter at fault; the server turns it into OpenAI's 400 reply, chat into a red line.
 
 Routing, as reported in every reply (`routing` object):
-- prompt share of expert e: the fraction of (layer, prompt token) pairs whose router top-k includes e, over
+- prompt share of expert e: the fraction of (layer, prompt token) pairs whose router top-k includes e, over the
+  layers that route (`layers` counts them; a dense layer does not route, moemerge/tools/moe_layers.py) and
   every token the model reads (chat template and BOS included: the `usage.prompt_tokens` tokens);
 - completion share of expert e: the same over (layer, generated token) pairs, where a generated token's
   routing is that of the forward pass that produced it (the position before it: the last prompt token for the
@@ -36,7 +37,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from moemerge.errors import MoemergeError
+from moemerge.errors import MoemergeError, OptionError
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.reply_routing import ReplyRouting
 from moemerge.tools.request_routing import (
     Decision,
@@ -54,6 +56,23 @@ FALLBACK_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+
+
+# A prompt longer than this many characters per token of context is refused before it is tokenized (which takes
+# seconds for megabytes): an average token of real text is a few characters, so such a prompt cannot fit.
+CHARS_PER_TOKEN = 32
+SEED_RANGE = (-(2**63), 2**64 - 1)  # the sampling seeds torch.Generator.manual_seed takes
+
+
+def check_seed(seed: int | None) -> None:
+    """Refuses a sampling seed torch's generator cannot take, naming the option (before a model is loaded)."""
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise OptionError(
+            "{seed} {value}: a sampling seed is a whole number from {low} to {high}",
+            value=seed,
+            low=SEED_RANGE[0],
+            high=SEED_RANGE[1],
+        )
 
 
 class RequestRefused(MoemergeError):
@@ -118,7 +137,8 @@ class Engine:
         self.routing = (routing or RequestRouting()).checked(names)  # the default for every request
         config = model.config
         self.top_k = config.num_experts_per_tok
-        self.layers = config.num_hidden_layers
+        self.moe = moe_layers(model)
+        self.layers = len(self.moe.routing)  # the layers that route: shares are over these
         self.context_length = int(config.max_position_embeddings)
         self.device = model.device
         # transformers 5 renamed past_key_values to cache and num_logits_to_keep to logits_to_keep
@@ -144,8 +164,24 @@ class Engine:
 
     # -- prompts -----------------------------------------------------------------------------------------------
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest prompt (or messages' content, all together) that is tokenized, in characters."""
+        return CHARS_PER_TOKEN * self.context_length
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        if chars > self.max_prompt_chars:
+            raise RequestRefused(
+                f"Your {param} holds {chars} characters; this server tokenizes at most {self.max_prompt_chars} "
+                f"({CHARS_PER_TOKEN} per token of the model's {self.context_length}-token context). "
+                f"Please reduce the length of the {param}.",
+                param,
+                "context_length_exceeded",
+            )
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The tokenizer's chat template (or FALLBACK_CHAT_TEMPLATE), with a generation prompt, as token ids."""
+        self._check_chars(sum(len(m["content"]) for m in messages), "messages")
         template = None if self.has_chat_template else FALLBACK_CHAT_TEMPLATE
         try:
             text = self.tokenizer.apply_chat_template(
@@ -157,6 +193,7 @@ class Engine:
 
     def text_ids(self, prompt: str) -> list[int]:
         """A raw prompt, with the special tokens the tokenizer adds (BOS), as vLLM does for /v1/completions."""
+        self._check_chars(len(prompt), "prompt")
         return self.tokenizer(prompt)["input_ids"]
 
     def params(self, **given: Any) -> SamplingParams:
@@ -195,10 +232,16 @@ class Engine:
         """The engine's routing with a request's `routing` fields over it; naming experts implies request mode
         and a top_k of their number."""
         given = {k: v for k, v in (given or {}).items() if v is not None}
+        implied: dict[str, Any] = {}  # what naming experts implies; errors name only fields the request sent
         if "experts" in given:
-            given = {"mode": "request", "top_k": len(given["experts"]), **given, "experts": tuple(given["experts"])}
-        settings = dataclasses.replace(self.routing, **given)
+            given["experts"] = tuple(given["experts"])
+            implied = {"mode": "request", "top_k": len(given["experts"])}
+        settings = dataclasses.replace(self.routing, **{**implied, **given})
         try:
+            if given.get("experts") == ():
+                raise RoutingSettingsError(
+                    "an empty list forces no expert; name one or more, or leave it out", "experts"
+                )
             if settings.mode == "token" and {"top_k", "mixing"} & set(given):
                 raise RoutingSettingsError("top_k and mixing are for request routing; add mode request", "mode")
             return settings.checked(self.names)
@@ -216,7 +259,7 @@ class Engine:
         ids, real = tokenize(self.tokenizer, plan.text or " ")
         with torch.inference_mode():
             out = self.model(input_ids=ids.to(self.device), **{**self._forward_args, "use_cache": False})
-        logits = torch.stack([layer.float() for layer in out.router_logits])[:, real.to(self.device)]
+        logits = self.moe.routing_logits(out.router_logits).float()[:, real.to(self.device)]
         decision = decide(logits, settings.top_k, settings.mixing)
         return dataclasses.replace(decision, seconds=time.perf_counter() - started)
 
@@ -267,7 +310,7 @@ class Engine:
     def _step(self, inputs, cache, counts, params: SamplingParams, generator: torch.Generator) -> int:
         with torch.inference_mode():
             out = self.model(input_ids=inputs, **{self._cache_arg: cache}, **self._forward_args)
-            counts.add(out.router_logits, prompt=counts.prompt_tokens == 0)
+            counts.add(self.moe.routing_logits(out.router_logits), prompt=counts.prompt_tokens == 0)
             return _sample(out.logits[0, -1], params, generator)
 
 
@@ -290,6 +333,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= params.top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[0] = False  # the most likely token stays even where top_p rounds to 0 in float32 (1e-50)
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

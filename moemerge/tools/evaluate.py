@@ -13,6 +13,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import decide, restricted
 from moemerge.tools.routing import Routing, next_token_losses, route, tokenize
 
@@ -26,9 +27,10 @@ class EvalResult:
     experts: list[str]
     prompts: list[int]
     tokens: list[int]
-    accuracy: list[float]  # per expert, over all layers and its tokens
-    layer_accuracy: list[float]  # per layer, over all tokens
-    expert_layer_accuracy: list[list[float]]  # [experts][layers]
+    layers: list[int]  # the routing layers the per-layer lists are about (a dense layer does not route)
+    accuracy: list[float]  # per expert, over the routing layers and its tokens
+    layer_accuracy: list[float]  # per routing layer, over all tokens
+    expert_layer_accuracy: list[list[float]]  # [experts][routing layers]
     perplexity: list[float | None] | None
     # per request: the share of an expert's texts whose request decision (whole text, top-1 of top-k) is the expert
     request_accuracy: list[float | None]
@@ -62,7 +64,8 @@ def evaluate(
     """A token counts as routed correctly in a layer when its highest router logit is its prompt's expert; a
     text, when its request decision's first expert is its label. `on_routing(i, routing)` hears each text's
     routing as it is computed (the report draws from them without routing the texts again)."""
-    experts, layers = len(names), model.config.num_hidden_layers
+    routing_layers = moe_layers(model).routing
+    experts, layers = len(names), len(routing_layers)
     correct = torch.zeros(experts, layers)
     tokens = torch.zeros(experts)
     prompts = [0] * experts
@@ -96,6 +99,7 @@ def evaluate(
     return EvalResult(
         experts=names,
         prompts=prompts,
+        layers=list(routing_layers),
         tokens=[int(t) for t in tokens],
         accuracy=(correct.sum(dim=1) / (tokens * layers).clamp_min(1)).tolist(),
         layer_accuracy=(correct[present].sum(dim=0) / tokens[present].sum().clamp_min(1)).tolist(),

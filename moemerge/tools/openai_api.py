@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moemerge.tools.engine import Engine, RequestRefused, SamplingParams
+from moemerge.tools.engine import SEED_RANGE, Engine, RequestRefused, SamplingParams
 
 
 class RequestError(Exception):
@@ -107,7 +107,7 @@ class RequestBody(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

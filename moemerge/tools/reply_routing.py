@@ -13,7 +13,8 @@ from moemerge.tools.routing import expert_counts
 
 
 class ReplyRouting:
-    """Per expert: how many (layer, token) pairs had it in their top-k, for the prompt and for generated tokens."""
+    """Per expert: how many (layer, token) pairs had it in their top-k, for the prompt and for generated tokens;
+    `layers` counts the routing layers only (moemerge.tools.moe_layers)."""
 
     def __init__(
         self, layers: int, experts: int, top_k: int, device: torch.device, decision: Decision | None = None
@@ -25,9 +26,10 @@ class ReplyRouting:
         self.prompt_tokens = self.completion_tokens = 0
         self.seconds = decision.seconds if decision else 0.0
 
-    def add(self, router_logits: tuple[torch.Tensor, ...], prompt: bool) -> None:
+    def add(self, router_logits: torch.Tensor, prompt: bool) -> None:
+        """router_logits: [routing layers, tokens, experts] of one forward pass."""
         start = time.perf_counter()
-        choices = experts_run(self.decision, torch.stack(router_logits).float(), self.top_k)  # [layers, tokens, k]
+        choices = experts_run(self.decision, router_logits.float(), self.top_k)  # [layers, tokens, k]
         experts = self.prompt.numel()
         self.ran_per_token = choices.shape[-1]
         if prompt:

@@ -21,6 +21,7 @@ import torch
 import moemerge.plots as plots  # not `from moemerge import`: that reads as importing the package
 from moemerge.files import MANIFEST, RECIPE_COPY, ROUTING_PICTURE, TRAINING_REPORT, read_json_object
 from moemerge.tools.evaluate import EvalResult, evaluate
+from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import Decision, decide
 from moemerge.tools.routing import Routing, route
 
@@ -73,15 +74,6 @@ def text_view(
     shares = torch.stack([routing.top1_accuracy(e) for e in range(experts)], dim=1)
     pieces = _pieces(tokenizer, text, routing.real)
     return TextView(pieces, bands, shares, routing.logits.shape[1], decide(routing.logits, request_top_k), label)
-
-
-def layer_names(out: Path, count: int) -> list[int]:
-    """The decoder layers the routers sit in: the recipe's moe_layers when the merge recorded them, else 0..n-1."""
-    manifest = out / MANIFEST
-    layers = None
-    if manifest.is_file():
-        layers = (read_json_object(manifest).get("recipe") or {}).get("moe_layers")
-    return list(layers) if isinstance(layers, list) and len(layers) == count else list(range(count))
 
 
 def _image(data: bytes, alt: str, css: str) -> str:
@@ -290,7 +282,7 @@ def build_report(
         )
     else:
         views = [text_view(tokenizer, text, route(model, tokenizer, text), request_top_k) for text in texts]
-    layers = layer_names(out, views[0].shares.shape[0])
+    layers = list(moe_layers(model).routing)
     return render(out, views, names, layers, result)
 
 

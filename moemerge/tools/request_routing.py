@@ -1,14 +1,17 @@
 """One routing decision per request (the lmoe / Herd / AnyMoE-sequence way), made by the MoE's own routers.
 
-Decision: every router's softmax probabilities, averaged over the request's real tokens and over the MoE
-layers, give one score per expert; the top-k scores are the request's experts, their renormalised scores its
-weights. Generation under the decision: a forward hook on every layer's router (transformers 5's
-`...TopKRouter` modules, which return `(logits, weights, indices)`) replaces the weights and indices, so every
-token in every layer runs only the chosen experts, for the prompt and every generated token:
+Decision: every router's softmax probabilities, averaged over the request's real tokens and over the routing
+layers (moemerge.tools.moe_layers: a dense layer does not route), give one score per expert; the top-k scores are
+the request's experts, their renormalised scores its weights. Generation under the decision: a forward hook on
+every MoE block's router (transformers 5's `...TopKRouter` modules, which return `(logits, weights, indices)`)
+replaces the weights and indices, so every token in every layer runs only the chosen experts, for the prompt and
+every generated token:
 - k = 1: exactly the chosen expert's MLP, weight 1 (the dense model made of that expert);
 - mixing "router": the router's own choice among the chosen experts (its logits with the others at -inf, then
   the family's top-k and renormalisation), at most the model's experts_per_token per token;
 - mixing "fixed" (Herd-style): all chosen experts for every token, with the decision's weights.
+In the first and last case a shared expert the merge added (Qwen2-MoE) is switched off and the routed experts
+get their full scale back, so these hold with a shared expert too.
 The raw router logits stay the router's first output, so `output_router_logits` still shows what the routers
 would have chosen.
 """
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moemerge.errors import MoemergeError, OptionError
+from moemerge.tools.moe_layers import MoeLayers, moe_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -89,6 +93,11 @@ class Decision:
         """Named experts with equal weights: no router pass."""
         return cls(tuple(experts), tuple(1 / len(experts) for _ in experts), "forced", mixing)
 
+    @property
+    def same_for_every_token(self) -> bool:
+        """One expert, or fixed mixing: every token runs all the chosen experts, with the same weights."""
+        return len(self.experts) == 1 or self.mixing == "fixed"
+
     def report(self, names: list[str]) -> dict[str, Any]:
         return {
             "decided_by": self.decided_by,
@@ -110,37 +119,34 @@ def decide(router_logits: torch.Tensor, top_k: int, mixing: str = "router") -> D
     return Decision(tuple(indices.tolist()), tuple(weights), "router", mixing, time.perf_counter() - started)
 
 
-def _moe_blocks(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """Every MoE block: the module holding a router `gate` beside its `experts` (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
-    blocks = [
-        module
-        for module in model.modules()
-        if hasattr(module, "experts") and isinstance(getattr(module, "gate", None), torch.nn.Module)
-    ]
-    if not blocks or any(isinstance(block.gate, torch.nn.Linear) for block in blocks):
+def _moe_blocks(model: PreTrainedModel) -> MoeLayers:
+    """Every MoE block (moemerge.tools.moe_layers), with routers that return (logits, weights, indices)."""
+    moe = moe_layers(model)
+    if any(isinstance(block.gate, torch.nn.Linear) for block in moe.blocks.values()):
         raise MoemergeError(
             f"request routing needs the router modules of transformers 5 (found none in {type(model).__name__}); "
             "upgrade transformers"
         )
-    return blocks
+    return moe
 
 
 class _Restriction:
-    """The hook's state: which experts, the -inf mask over the others, the fixed weights."""
+    """The hook's state: which experts, the -inf mask over the others, the weights when every token runs the same
+    experts (the decision's with fixed mixing, else 1), times `scale`."""
 
-    def __init__(self, decision: Decision, experts: int, device: torch.device) -> None:
+    def __init__(self, decision: Decision, experts: int, device: torch.device, scale: float = 1.0) -> None:
         self.decision = decision
         self.chosen = torch.tensor(decision.experts, device=device)
-        self.weights = torch.tensor(decision.weights, device=device)
+        weights = torch.tensor(decision.weights, device=device)
+        self.same_weights = (weights if decision.mixing == "fixed" else torch.ones_like(weights)) * scale
         self.mask = torch.full((experts,), float("-inf"), device=device)
         self.mask[self.chosen] = 0.0
 
     def choose(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """[tokens, experts] router logits → (weights, indices), each [tokens, experts run per token]."""
         tokens = logits.shape[0]
-        if len(self.decision.experts) == 1 or self.decision.mixing == "fixed":
-            weights = self.weights if self.decision.mixing == "fixed" else torch.ones_like(self.weights)
-            return weights.expand(tokens, -1), self.chosen.expand(tokens, -1)
+        if self.decision.same_for_every_token:
+            return self.same_weights.expand(tokens, -1), self.chosen.expand(tokens, -1)
         probs = (logits.float() + self.mask).softmax(dim=-1)
         values, indices = probs.topk(min(top_k, len(self.decision.experts)), dim=-1)
         if renormalize:
@@ -159,25 +165,35 @@ class _Restriction:
 
 @contextlib.contextmanager
 def restricted(model: PreTrainedModel, decision: Decision | None) -> Iterator[None]:
-    """Within the block every router of `model` runs only the decision's experts; None changes nothing."""
+    """Within the block every router of `model` runs only the decision's experts; None changes nothing.
+
+    Where every token runs the same experts (one expert, or fixed mixing), a shared expert the merge added is
+    switched off and the routed experts get back the scale the merge took from them for it, so one expert is
+    exactly that expert's MLP, as without a shared expert."""
     if decision is None:
         yield
         return
-    blocks = _moe_blocks(model)
+    moe = _moe_blocks(model)
+    blocks = list(moe.blocks.values())
     router = blocks[0].gate
-    restriction = _Restriction(decision, router.num_experts, router.weight.device)
+    same = decision.same_for_every_token
+    unshared = same and moe.routed_scale is not None
+    scale = 1 / moe.routed_scale if unshared else 1.0
+    restriction = _Restriction(decision, router.num_experts, router.weight.device, scale)
     handles = [block.gate.register_forward_hook(restriction.hook) for block in blocks]
-    same_for_every_token = len(decision.experts) == 1 or decision.mixing == "fixed"
-    stacks = [block.experts for block in blocks if same_for_every_token and _is_stacked_experts(block.experts)]
+    stacks = [block.experts for block in blocks if same and _is_stacked_experts(block.experts)]
     for stack in stacks:
         stack.forward = _chosen_experts_forward(stack, list(decision.experts))
+    shared = [block.shared_expert for block in blocks if unshared and hasattr(block, "shared_expert")]
+    for module in shared:
+        module.forward = torch.zeros_like  # its gate's sigmoid times zero: nothing
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for stack in stacks:
-            del stack.forward
+        for module in (*stacks, *shared):
+            del module.forward
 
 
 def _is_stacked_experts(module: torch.nn.Module) -> bool:

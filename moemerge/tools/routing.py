@@ -12,6 +12,7 @@ from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG, MANIFEST, read_json_object
 from moemerge.formats import format_of_config
 from moemerge.hf import load_model, load_tokenizer
+from moemerge.tools.moe_layers import moe_layers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -29,12 +30,14 @@ def expert_counts(choices: torch.Tensor, experts: int) -> torch.Tensor:
 
 @dataclass
 class Routing:
-    """Router logits of every layer for the real tokens of one text (BOS and other added specials left out)."""
+    """Router logits of every routing layer (moemerge.tools.moe_layers) for the real tokens of one text (BOS and
+    other added specials left out)."""
 
-    logits: torch.Tensor  # [layers, real tokens, experts], float32
+    logits: torch.Tensor  # [routing layers, real tokens, experts], float32
     top_k: int
     token_losses: torch.Tensor  # [tokens - 1]: negative log-likelihood of each next token (all tokens but the first)
     real: torch.Tensor  # [tokens] bool: which of the text's tokens are real (`logits` holds those, in order)
+    layers: tuple[int, ...]  # the routing layers `logits` holds, in order (a dense layer has no routing)
 
     @property
     def predicted_tokens(self) -> int:
@@ -92,10 +95,11 @@ def next_token_losses(model: PreTrainedModel, ids: torch.Tensor, **forward: obje
 
 def route(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> Routing:
     """Run the MoE once over `text`; returns router logits of its real tokens and the text's token losses."""
+    moe = moe_layers(model)
     ids, real = tokenize(tokenizer, text)
     losses, out = next_token_losses(model, ids, output_router_logits=True)
-    logits = torch.stack([layer.float().cpu() for layer in out.router_logits])[:, real]
-    return Routing(logits, model.config.num_experts_per_tok, losses, real)
+    logits = moe.routing_logits(out.router_logits).float().cpu()[:, real]
+    return Routing(logits, model.config.num_experts_per_tok, losses, real, moe.routing)
 
 
 def expert_names(out: Path, count: int) -> list[str]:

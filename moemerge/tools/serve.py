@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import socket
 import time
 import uuid
@@ -98,6 +99,11 @@ class Server:
             if not finished:
                 log.info("slot freed: generation stopped after %d text pieces (client gone or shutdown)", produced)
 
+    async def off_loop(self, work: Callable[..., Any], *args: Any) -> Any:
+        """`work(*args)` on the model's worker thread: tokenizing a long prompt takes seconds, which on the event
+        loop would stall every client, /health included."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+
     def routing_plan(self, body: "RequestBody", text: str) -> RoutingPlan:
         given = body.routing.model_dump() if body.routing is not None else None
         return RoutingPlan(self.engine.request_routing(given), text)
@@ -119,6 +125,48 @@ class Server:
         return ids, params
 
 
+# A request body may take this many bytes per prompt character the engine tokenizes (Engine.max_prompt_chars), so
+# the longest prompt fits in any JSON spelling (a \uXXXX escape is 6 bytes, a surrogate pair 12) with room to spare.
+BODY_BYTES_PER_CHAR = 16
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets OpenAI's error JSON with status 413, naming the
+    limit, before more than the limit is read (by its Content-Length, else counted as it arrives).
+
+    Ours, not FastAPI's `max_body_size`: that exists only in releases far newer than the fastapi>=0.110 we support."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    def message(self) -> str:
+        return f"The request body is larger than this server's limit of {self.limit} bytes; shorten the prompt."
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            body = error_body(self.message(), "invalid_request_error", None, "request_too_large")
+            await JSONResponse(body, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException raised while reading the body on as it is
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _reply_fields(final: Finished) -> dict[str, Any]:
     return {"usage": final.usage, "routing": final.routing, "expert": final.expert}
 
@@ -132,6 +180,7 @@ def create_app(engine: Engine, model_name: str):
 
     server = Server(engine, model_name)
     app = FastAPI(title="moemerge serve", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=BODY_BYTES_PER_CHAR * engine.max_prompt_chars)
     app.state.server = server
 
     @app.exception_handler(RequestError)
@@ -143,7 +192,14 @@ def create_app(engine: Engine, model_name: str):
         return await _request_error(request, RequestError.refused(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request, exc: RequestValidationError):
+    async def _validation_error(request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type:  # the body was not read as JSON at all (curl -d sends a form)
+            message = (
+                f"The body must be JSON sent with Content-Type: application/json; this request's Content-Type is "
+                f"{content_type or 'missing'}"
+            )
+            return JSONResponse(error_body(message, "invalid_request_error", None, "invalid_content_type"), 400)
         first = exc.errors()[0]
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
         if first.get("type") == "json_invalid":
@@ -182,7 +238,7 @@ def create_app(engine: Engine, model_name: str):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        ids, params = server.prepare_chat(body)
+        ids, params = await server.off_loop(server.prepare_chat, body)
         routing = server.routing_plan(body, decision_text(plain_messages(body.messages)))
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": model_name, "system_fingerprint": None}
@@ -208,7 +264,7 @@ def create_app(engine: Engine, model_name: str):
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        ids, params = server.prepare_completion(body)
+        ids, params = await server.off_loop(server.prepare_completion, body)
         routing = server.routing_plan(body, body.prompt)
         reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "object": "text_completion", "created": created, "model": model_name}
@@ -298,6 +354,8 @@ def _uvicorn_server(config, server: Server):
 
 
 def _check_can_listen(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise OptionError("{port} {number}: a TCP port is a number from 1 to 65535", number=port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
@@ -350,9 +408,12 @@ def serve(
         template,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    server = _uvicorn_server(config, app.state.server)
+    hangup = signal.signal(signal.SIGHUP, server.handle_exit)  # a closed terminal: as SIGTERM (uvicorn's are those two)
     try:
-        _uvicorn_server(config, app.state.server).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled once it has shut down gracefully
         pass
     finally:
+        signal.signal(signal.SIGHUP, hangup)
         app.state.server.executor.shutdown(wait=True, cancel_futures=True)

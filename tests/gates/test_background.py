@@ -8,12 +8,13 @@ import time
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 from support.tiny_models import make_base
 
 from moemerge import MergeOptions, merge
 from moemerge.errors import MoemergeError
 from moemerge.gates.background import GatePassCancelled, gates_in_background
-from moemerge.gates.compute import GateResult
+from moemerge.gates.modes.mode import GateResult
 from moemerge.progress import Silent
 
 
@@ -130,7 +131,7 @@ def test_a_merge_stopped_while_its_routers_wait_for_the_gates_ends_at_once(tmp_p
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     router_bytes = 2 * 2 * 32 * 4  # layers × experts × hidden × float32
 
-    def endless_gate_pass(recipe, prompts, context):
+    def endless_gate_pass(context):
         advance = context.progress.task("hidden states", 10**9)
         while True:
             time.sleep(0.001)
@@ -171,11 +172,11 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
     _trained_recipe(
         tmp_path, [(f"prompt {i} " + "ab" * (i % 7), i % 2) for i in range(200)], {"steps": 5, "layers": [0]}
     )
-    from moemerge.gates import compute
     from moemerge.gates.layer_stream import LayerStack
+    from moemerge.gates.modes import hidden as hidden_mode
 
     hidden_pass, batches, at_failure = threading.Event(), [0], []
-    real_prototypes, real_forward = compute.hidden_prototypes, LayerStack.forward
+    real_prototypes, real_forward = hidden_mode.hidden_prototypes, LayerStack.forward
 
     def prototypes(*args, **kwargs):
         hidden_pass.set()
@@ -190,7 +191,7 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
         at_failure.append(batches[0])
         raise MoemergeError("could not write model-00001-of-00001.safetensors: disk full")
 
-    monkeypatch.setattr(compute, "hidden_prototypes", prototypes)
+    monkeypatch.setattr(hidden_mode, "hidden_prototypes", prototypes)
     monkeypatch.setattr(LayerStack, "forward", forward)
     monkeypatch.setattr("moemerge.output.merge.write_shards", failing_write)
     with pytest.raises(MoemergeError, match="disk full"):
@@ -202,9 +203,14 @@ def test_trained_gates_hidden_pass_for_untrained_layers_stops_with_the_merge(tmp
 
 
 def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
-    """training.layers names a layer the base lacks: the gate pass says so at once, and the merge must not
-    first write every shard (the routers, which wait for the gates, come last)."""
-    _trained_recipe(tmp_path, [(f"p{i} {'ab' * i}", i % 2) for i in range(8)], {"layers": [9]}, dtype="float32")
+    """The base's hidden states overflow float32 (finite weights, layer 0's down_proj scaled to ~1e37): the
+    gate pass says so at its first batch past layer 0, and the merge must not first write every shard (the
+    routers, which wait for the gates, come last)."""
+    _trained_recipe(tmp_path, [(f"p{i} {'ab' * i}", i % 2) for i in range(8)], {}, dtype="float32")
+    weights = tmp_path / "base" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.mlp.down_proj.weight"] *= 1e38
+    save_file(tensors, str(weights), metadata={"format": "pt"})
 
     class WritesOnceTheGatesFailed(_Counting):
         def task(self, description: str, total: int):
@@ -218,7 +224,7 @@ def test_a_gate_pass_that_refuses_its_input_stops_the_writing_at_once(tmp_path):
             return slow
 
     progress = WritesOnceTheGatesFailed()
-    with pytest.raises(MoemergeError, match=r"training.layers: layer 9 does not exist"):
+    with pytest.raises(MoemergeError, match=r"the router inputs of layer 1 are not finite"):
         merge(tmp_path / "r.yaml", tmp_path / "out", MergeOptions(device="cpu", shard_size=1000), progress)
     done, total = progress.steps["writing shards"]
     assert done < total / 4, f"{done} of {total} bytes were written before the gate pass's error was reported"
@@ -234,7 +240,7 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler
     import signal
     from contextlib import nullcontext
 
-    from moemerge.interrupt import handling_sigint
+    from moemerge.interrupt import handling_signals
 
     def slow_batches(progress):
         advance = progress.task("hidden states", 10**9)
@@ -246,7 +252,7 @@ def test_a_second_ctrl_c_while_the_pass_is_waited_for_still_waits_for_it(handler
         time.sleep(0.2)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
-    sigint = handling_sigint() if handler == "cli" else nullcontext()
+    sigint = handling_signals() if handler == "cli" else nullcontext()
     with sigint, pytest.raises(KeyboardInterrupt), gates_in_background(slow_batches, Silent()):
         threading.Thread(target=second_ctrl_c).start()
         raise KeyboardInterrupt  # the first Ctrl-C

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
-from support.tiny_models import make_base, make_expert, tiny_tokenizer, write_recipe
+from safetensors.torch import load_file, save_file
+from support.tiny_models import VOCAB, make_base, make_expert, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
+from moemerge.errors import MoemergeError
 from moemerge.gates.hidden import SHRINKAGE, LayerPool, _discriminant
-from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready
+from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
 from moemerge.inputs.sources import ModelSource
 
 PROMPTS = [
@@ -158,3 +160,51 @@ def test_layer_pool_fed_batch_by_batch_is_the_whole_layer_solve(tokens):
     got, norm = pool.rows([["a negative prompt"], ["another"], []])
     assert torch.allclose(got.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
     assert norm.item() == pytest.approx(exact.norm(dim=-1).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "trained"])
+def test_a_base_tokenizer_with_no_token_to_pad_with(tmp_path, gate_mode):
+    """No pad, eos or unk token: the gates are those of the same tokenizer with an eos token to pad with
+    (padding is masked, so which id fills it cannot matter), not an error after the other shards. The
+    embedding has a row for every token and no more, so a pad id past the vocabulary would fail."""
+    base = make_base(tmp_path / "base", vocab_size=len(VOCAB))
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i) for i in range(3)]
+    dataset = tmp_path / "d.csv"
+    dataset.write_text("prompt,expert\n" + "".join(f'"{p}",{e}\n' for e, group in enumerate(PROMPTS) for p in group))
+    specs = [{"source_model": str(e), "positive_prompts": p} for e, p in zip(experts, PROMPTS, strict=True)]
+    fields = {"dataset_csv": str(dataset), "training": {"steps": 20, "holdout": 0}} if gate_mode == "trained" else {}
+    rows = {}
+    for name, tokenizer in [("eos", tiny_tokenizer()), ("none", tiny_tokenizer(eos_and_unk=False))]:
+        for file in base.glob("*token*"):
+            file.unlink()
+        tokenizer.save_pretrained(base)
+        recipe = write_recipe(tmp_path / f"{name}.yaml", base, specs, gate_mode=gate_mode, **fields)
+        merge(recipe, tmp_path / name, MergeOptions(device="cpu", batch_size=3))
+        rows[name] = _gate_rows(tmp_path / name, 3)
+    assert tiny_tokenizer(eos_and_unk=False).pad_token is None
+    torch.testing.assert_close(rows["none"], rows["eos"], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_ids_are_rows_of_the_embedding():
+    """The pad token made for a tokenizer without one has an id past the vocabulary; the ids fed to the base
+    are all rows it has (the layer stream reads a row's bytes at its offset, and past the end is another tensor)."""
+    batches = prompt_batches(pad_ready(tiny_tokenizer(eos_and_unk=False)), ["ab", "abcdef", "a"], 3, None)
+    assert batches[0].attention_mask.min() == 0  # padded
+    assert max(int(b.input_ids.max()) for b in batches) < len(VOCAB)
+
+
+def test_hidden_states_that_overflow_float32_are_refused_naming_the_layer(tmp_path):
+    """Finite weights (layer 1's down_proj scaled to ~1e37) whose output is beyond float32: one line that
+    says where, not a failed Cholesky factorisation, and no output."""
+    base = make_base(tmp_path / "base")
+    weights = base / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.1.mlp.down_proj.weight"] *= 1e38
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    specs = [{"source_model": str(base), "positive_prompts": group} for group in PROMPTS]
+    recipe = write_recipe(tmp_path / "r.yaml", base, specs)
+    with pytest.raises(MoemergeError, match=r"layer 2 are not finite: the base's hidden states overflow float32") as e:
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "r.yaml"]

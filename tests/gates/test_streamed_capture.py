@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import itertools
 import json
+import os
+import resource
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,9 @@ from support.tiny_models import make_base, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moemerge import MergeOptions, merge
+from moemerge.errors import MoemergeError
 from moemerge.gates import trained
+from moemerge.gates.activations import Activations
 from moemerge.gates.hidden import SHRINKAGE
 from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
 from moemerge.gates.trained import fit_gates, prompts_within_budget, sample_tokens
@@ -243,7 +250,7 @@ def test_trained_gates_on_a_token_budget_still_route(tmp_path, monkeypatch):
 def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path, monkeypatch):
     """The holdout check passes on the whole labelled set; the sample must pass it too. An expert whose share
     of the budget is two short prompts loses both to holdout 0.75 (round(1.5) = 2) and was fitted to lose."""
-    from moemerge.gates import compute
+    from moemerge.gates.modes import trained as trained_mode
     from moemerge.inputs.prompts import split_prompts
 
     base = make_base(tmp_path / "base", num_hidden_layers=2)
@@ -256,7 +263,7 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
         fitted.append({labels[i] for i in split_prompts(labels, spec.holdout, spec.seed)[0]})
         return trained.train_gates(inputs, labels, num_experts, spec, *args, **kwargs)
 
-    monkeypatch.setattr(compute, "train_gates", train_gates)
+    monkeypatch.setattr(trained_mode, "train_gates", train_gates)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert json.loads((tmp_path / "out" / "gate_training.json").read_text())["labelled_prompts"] == 60
     assert fitted == [{0, 1}], "an expert of the sample has no prompt left to train on"
@@ -265,7 +272,7 @@ def test_a_sampled_labelled_set_leaves_every_expert_prompts_to_train_on(tmp_path
 def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeypatch):
     """With training.layers a subset, the other layers get hidden gates from each expert's positive prompts,
     which the dataset's rows join; over the budget, only the rows sampled for training go through the base."""
-    from moemerge.gates import compute
+    from moemerge.gates.modes import hidden as hidden_mode
 
     base = make_base(tmp_path / "base", num_hidden_layers=2)
     rows = [(f"{'abcdefg'[i % 7]}" * (8 + i % 5), i % 2) for i in range(60)]
@@ -278,8 +285,8 @@ def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeyp
         seen.append(positive)
         return real(base, tokenizer, positive, *args, **kwargs)
 
-    real = compute.hidden_prototypes
-    monkeypatch.setattr(compute, "hidden_prototypes", hidden_prototypes)
+    real = hidden_mode.hidden_prototypes
+    monkeypatch.setattr(hidden_mode, "hidden_prototypes", hidden_prototypes)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
     sampled = report["train_prompts"] + report["holdout_prompts"]
@@ -288,3 +295,46 @@ def test_layers_left_to_hidden_gates_see_only_the_sampled_rows(tmp_path, monkeyp
     assert [group[:1] for group in positive] == own, "each expert's own prompt is kept"
     assert sum(len(group) - 1 for group in positive) == sampled
     assert all((text, e) in rows for e, group in enumerate(positive) for text in group[1:])
+
+
+def test_a_spill_file_over_the_file_size_limit_names_tmpdir_before_the_first_layer(tmp_path, monkeypatch):
+    """Over `ulimit -f` (or with no room in TMPDIR) the spill is refused when it is made, naming TMPDIR, not as
+    a write error of some later batch (which the merge would report against its output)."""
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))  # Python ignores SIGXFSZ: writes get EFBIG
+    try:
+        with pytest.raises(MoemergeError) as error:
+            Activations([(4, 256, 512)] * 2, torch.float32, torch.device("cpu"), budget=0)  # 4 MiB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(error.value)
+    assert f"in a temporary file in {spill} (TMPDIR)" in message and "set TMPDIR to a folder with room" in message
+    assert "\n" not in message and list(spill.iterdir()) == []
+
+
+def test_a_full_tmpdir_stops_the_merge_with_one_line(tmp_path, monkeypatch):
+    """The gate pass refuses the spill while the shards are being written: the merge ends with that error and
+    leaves nothing behind."""
+    base = make_base(tmp_path / "base")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        base,
+        [
+            {"source_model": str(base), "positive_prompts": ["ab"]},
+            {"source_model": str(base), "positive_prompts": ["xy"]},
+        ],
+    )
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(
+        "moemerge.gates.modes.mode.CaptureOptions", functools.partial(CaptureOptions, activation_budget=0)
+    )
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(MoemergeError, match=r"\(TMPDIR\), which cannot hold it: No space left on device"):
+        merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "r.yaml"]

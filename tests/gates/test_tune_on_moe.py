@@ -25,11 +25,12 @@ def prompts(expert: int, count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(LETTERS[expert]) for _ in range(16)) for _ in range(count)]
 
 
-def held_out_accuracy(folder) -> float:
-    """Share of (token, layer) pairs whose top router logit is the token's expert, BOS left out."""
+def held_out_accuracy(folder, experts: range = range(len(LETTERS))) -> float:
+    """Share of (token, layer) pairs whose top router logit is the token's expert, BOS left out, over the
+    prompts of `experts`."""
     model, tokenizer = load_model(folder), tiny_tokenizer()
     correct = total = 0
-    for expert in range(len(LETTERS)):
+    for expert in experts:
         for text in prompts(expert, 6, seed=99):
             ids = torch.tensor([tokenizer(text)["input_ids"]])
             with torch.no_grad():
@@ -41,7 +42,7 @@ def held_out_accuracy(folder) -> float:
     return correct / total
 
 
-def merged(tmp_path, name: str, gate_mode: str, tune: bool) -> tuple:
+def merged(tmp_path, name: str, gate_mode: str, tune: bool, **fields) -> tuple:
     base = (
         make_base(tmp_path / "base", initializer_range=0.02) if not (tmp_path / "base").exists() else tmp_path / "base"
     )
@@ -51,7 +52,7 @@ def merged(tmp_path, name: str, gate_mode: str, tune: bool) -> tuple:
         expert = folder if folder.exists() else make_expert(base, folder, seed=i + 1, scale=0.3)
         experts.append({"source_model": str(expert), "positive_prompts": prompts(i, 10, seed=1)})
     training = {"tune_on_moe": tune, "steps": 200, "lr": 0.05}
-    recipe = write_recipe(tmp_path / f"{name}.yaml", base, experts, gate_mode=gate_mode, training=training)
+    recipe = write_recipe(tmp_path / f"{name}.yaml", base, experts, gate_mode=gate_mode, training=training, **fields)
     merge(recipe, tmp_path / name)
     return tmp_path / name
 
@@ -96,3 +97,32 @@ def test_a_labelled_set_over_the_token_budget_is_sampled_before_tuning(tmp_path,
     report = json.loads((merged(tmp_path, "tuned", "hidden", tune=True) / "router_tuning.json").read_text())
     used = report["train_prompts"] + report["holdout_prompts"]
     assert 2 * len(LETTERS) <= used <= 15, used
+
+
+def test_an_expert_without_dataset_rows_is_tuned_on_its_own_prompts(tmp_path, caplog):
+    """Hidden gates from every expert's prompts, a dataset with rows of experts 0 and 1 only: tuning says so
+    and keeps routing expert 2's prompts to expert 2 (its positive prompts stand in for rows)."""
+    plain = merged(tmp_path, "plain", "hidden", tune=False)
+    rows = [(text, e) for e in (0, 1) for text in prompts(e, 10, seed=2)]
+    (tmp_path / "d.csv").write_text("prompt,expert\n" + "".join(f"{t},{e}\n" for t, e in rows))
+    with caplog.at_level("WARNING", logger="moemerge"):
+        tuned = merged(tmp_path, "tuned", "hidden", tune=True, dataset_csv=str(tmp_path / "d.csv"))
+    warned = [r.getMessage() for r in caplog.records if "tune_on_moe" in r.getMessage()]
+    assert warned == [
+        "training.tune_on_moe: experts[2] (e2) has no rows in d.csv; its positive prompts stand in for them, so "
+        "that tuning does not learn never to route to it"
+    ]
+    before, after = held_out_accuracy(plain, range(2, 3)), held_out_accuracy(tuned, range(2, 3))
+    assert after >= 0.9 and after >= before - 0.05, (before, after)
+
+
+def test_tuning_refuses_an_expert_it_has_no_prompt_of(tmp_path):
+    """Negative prompts only: hidden gates can build its row, but tuning would only learn never to choose it."""
+    base = make_base(tmp_path / "base", initializer_range=0.02)
+    experts = [{"source_model": str(base), "positive_prompts": prompts(i, 4, seed=1)} for i in (0, 1)]
+    contrarian = {"name": "contrarian", "positive_prompts": [], "negative_prompts": prompts(0, 4, seed=1)}
+    experts.append({"source_model": str(base), **contrarian})
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, training={"tune_on_moe": True})
+    with pytest.raises(MoemergeError, match=r"training.tune_on_moe: experts\[2\] \(contrarian\) has no positive"):
+        merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

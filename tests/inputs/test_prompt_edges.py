@@ -4,6 +4,7 @@ that has no dataset rows."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import torch
 from support.hostile import run_cli
 from support.tiny_models import make_base, make_expert, read_tensors, write_recipe
+
+from moemerge.inputs.prompts import read_dataset_csv
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +97,13 @@ def test_trained_gates_with_an_expert_without_rows(models, tmp_path, caplog):
     report = json.loads((out / "gate_training.json").read_text(), parse_constant=refuse)
     assert report["expert_accuracy"][2] is None
     assert all(isinstance(a, float) for a in report["expert_accuracy"][:2])
+
+
+def test_a_csv_row_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    """Python's csv refuses fields over 131,072 characters by default; a long document is still a prompt."""
+    long = "word " * 60_000  # 300,000 characters
+    path = tmp_path / "d.csv"
+    path.write_text(f'prompt,expert\n"{long}",b\nshort,0\n')
+    limit = csv.field_size_limit()
+    assert read_dataset_csv(path, ["a", "b"]) == [(long, 1), ("short", 0)]
+    assert csv.field_size_limit() == limit  # the process-wide limit is left as it was

@@ -462,6 +462,17 @@ def test_training_typo_names_the_nested_key():
     assert message.startswith("recipe: training.step: unknown key; did you mean `steps`?")
 
 
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        ([], "recipe: training.layers: names no layer; list the layers to train, e.g. [8, 9, 10], or leave it out"),
+        ([1, 2, 1], "recipe: training.layers: lists layer 1 more than once; list each layer once"),
+    ],
+)
+def test_training_layers_empty_or_repeated(layers, expected):
+    assert error_of(recipe(gate_mode="trained", dataset_csv="d.csv", training={"layers": layers})).startswith(expected)
+
+
 def test_deeply_nested_yaml_is_a_moemerge_error(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("base_model: " + "[" * 1000 + "]" * 1000 + "\n", encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Ctrl-C at any moment: exit 130, one line, no traceback, OUT absent or complete, no partial folder left.
+"""Ctrl-C at any moment: exit 130, one line, no traceback, OUT absent or complete, no partial folder left; SIGTERM
+and SIGHUP the same, with exit 128 + their number.
 
 The signals are sent at moments the test observes rather than after fixed sleeps: while torch is being
 imported (its library appears in the process's memory map), while a shard is half written (the partial
@@ -41,9 +42,9 @@ def big_recipe(tmp_path_factory) -> Path:
     return write_recipe(root / "r.yaml", base, experts, gate_mode="random", experts_per_token=2)
 
 
-def start(recipe: Path, out: Path) -> subprocess.Popen:
+def start(recipe: Path, out: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [CLI, str(recipe), str(out), "--shard-size", str(SHARD)],
+        [CLI, str(recipe), str(out), "--shard-size", str(SHARD), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,31 +66,52 @@ def first_shard_size(out: Path) -> int:
     return 0
 
 
-def assert_interrupted(process: subprocess.Popen, out: Path) -> None:
+LINES = {
+    signal.SIGINT: "interrupted: an unfinished merge leaves no output folder",
+    signal.SIGTERM: "stopped by SIGTERM: an unfinished merge leaves no output folder",
+    signal.SIGHUP: "stopped by SIGHUP: an unfinished merge leaves no output folder",
+}
+
+
+def assert_interrupted(process: subprocess.Popen, out: Path, signum: int = signal.SIGINT, replaced: bool = False):
     stdout, stderr = process.communicate(timeout=WAIT)
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert process.returncode == 130, stderr
-    assert lines == ["interrupted: an unfinished merge leaves no output folder"], stderr
+    assert process.returncode == 128 + signum, stderr  # as a shell reports a process the signal killed
+    assert lines == [LINES[signum]], stderr
     assert "Traceback" not in stderr + stdout
-    assert not out.exists()
+    assert out.exists() == replaced
     assert list(out.parent.glob(f".{out.name}.moemerge-*")) == []
 
 
-def test_ctrl_c_while_torch_is_imported(big_recipe, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stopped_while_torch_is_imported(big_recipe, tmp_path, signum):
     out = tmp_path / "out"
     process = start(big_recipe, out)
     maps = Path(f"/proc/{process.pid}/maps")
     wait_for(process, lambda: "libtorch" in maps.read_text(), "torch import")
-    process.send_signal(signal.SIGINT)
-    assert_interrupted(process, out)
+    process.send_signal(signum)
+    assert_interrupted(process, out, signum)
 
 
-def test_ctrl_c_in_the_middle_of_a_shard(big_recipe, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stopped_in_the_middle_of_a_shard(big_recipe, tmp_path, signum):
+    """Ctrl-C, and SIGTERM (kill, timeout, docker stop, Slurm) and SIGHUP as well: one line, no partial folder."""
     out = tmp_path / "out"
     process = start(big_recipe, out)
     wait_for(process, lambda: first_shard_size(out) >= SHARD // 2, "half-written first shard")
-    process.send_signal(signal.SIGINT)
-    assert_interrupted(process, out)
+    process.send_signal(signum)
+    assert_interrupted(process, out, signum)
+
+
+def test_sigterm_with_force_keeps_the_old_output(big_recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    process = start(big_recipe, out, "--force")
+    wait_for(process, lambda: first_shard_size(out) >= SHARD // 2, "half-written first shard")
+    process.send_signal(signal.SIGTERM)
+    assert_interrupted(process, out, signal.SIGTERM, replaced=True)
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "old"
 
 
 def test_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch):
@@ -101,7 +123,7 @@ def test_second_ctrl_c_does_not_stop_the_cleanup(tmp_path, monkeypatch):
         signal.raise_signal(signal.SIGINT)  # the second Ctrl-C, in the middle of cleanup
         return real_rmtree(path, *args, **kwargs)
 
-    with interrupt.handling_sigint(), pytest.raises(KeyboardInterrupt), staged_output(out, force=False) as partial:
+    with interrupt.handling_signals(), pytest.raises(KeyboardInterrupt), staged_output(out, force=False) as partial:
         (partial / "model-00001-of-00002.safetensors").write_bytes(b"half")
         monkeypatch.setattr(shutil, "rmtree", rmtree_hit_by_ctrl_c)
         raise KeyboardInterrupt  # the first Ctrl-C

@@ -38,10 +38,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 
 from moemerge.errors import MoemergeError
 from moemerge.gates.random_gates import random_gates
+from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs
 from moemerge.output import filecopy
 from moemerge.output.merge import MergeOptions, merge
 
-GATE_MODES = ["hidden", "cheap_embed", "random", "uniform_random"]
+GATE_MODES = [name for name, spec in GATE_MODE_SPECS.items() if spec.needs is not Needs.DATASET]  # every mode whose
+# recipe needs no labelled dataset: with copies of the base as experts, any routers give the base's logits
 FAMILIES = ["llama", "mistral"]
 PROJECTION_OF = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

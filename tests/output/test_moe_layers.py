@@ -108,6 +108,42 @@ def test_bad_moe_layers_are_refused_in_one_line(tmp_path, layers, message):
     assert not (tmp_path / "out").exists()
 
 
+def _trained_recipe(tmp_path, **fields):
+    base = make_base(tmp_path / "base")
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i + 1) for i in range(2)]
+    dataset = tmp_path / "d.csv"
+    dataset.write_text("prompt,expert\n" + "".join(f"{'ab'[e] * (n + 3)},{e}\n" for e in range(2) for n in range(6)))
+    return write_recipe(tmp_path / "r.yaml", base, experts, gate_mode="trained", dataset_csv=str(dataset), **fields)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ([0], r"training.layers: layer 0 stays dense \(moe_layers: \[1\]\), so it has no router to train"),
+        ([1, 2], r"training.layers: layer 2 stays dense"),
+        ([5], r"training.layers: layer 5 does not exist; the base has 3 layers"),
+    ],
+)
+def test_trained_layers_without_a_router_are_refused_before_any_work(tmp_path, monkeypatch, layers, message):
+    """Refused while the inputs are checked: the gate pass never starts, no partial folder is made."""
+    recipe = _trained_recipe(tmp_path, moe_layers=[1], training={"steps": 5, "layers": layers})
+
+    def no_gates(*args, **kwargs):
+        raise AssertionError("the gate pass started")
+
+    monkeypatch.setattr("moemerge.output.merge.compute_gates", no_gates)
+    with pytest.raises(MoemergeError, match=message) as error:
+        merge(recipe, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "d.csv", "e0", "e1", "r.yaml"]
+
+
+def test_trained_gates_train_only_the_moe_layers_by_default(tmp_path):
+    merge(_trained_recipe(tmp_path, moe_layers=[1], training={"steps": 5}), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "gate_training.json").read_text())
+    assert report["trained_layers"] == [1] and len(report["layer_accuracy"]) == 1, report
+
+
 def test_average_makes_a_dense_layer_the_mean_of_the_experts_mlps(tmp_path):
     base = make_base(tmp_path / "base", "qwen3")
     experts = [make_expert(base, tmp_path / f"e{i}", seed=i + 1, scale=0.2) for i in range(3)]

@@ -106,6 +106,36 @@ def test_average_over_full_and_lora_experts_is_the_documented_mean(tmp_path):
     )
 
 
+def peft_adapter(base: Path, path: Path, seed: int) -> dict[str, torch.Tensor]:
+    """An adapter made and saved by PEFT itself, with a LoRA on the embedding and lm_head in modules_to_save,
+    every trainable tensor randomised; returns the weights PEFT's own merge_and_unload gives (the expert's
+    own version of every tensor, computed without moemerge)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["up_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
+            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(path)
+    return {name: tensor.clone() for name, tensor in model.merge_and_unload().state_dict().items()}
+
+
+def test_average_takes_an_adapters_embedding_lora_and_saved_lm_head(tmp_path):
+    """`lora_embedding_A/B` and a `modules_to_save` lm_head are part of the adapter's expert: under average
+    the output embedding and lm_head are the mean of the experts' own (as PEFT merges them), not the base's."""
+    base = make_base(tmp_path / "base")
+    own = [peft_adapter(base, tmp_path / f"a{i}", seed=i) for i in range(2)]
+    recipe = write_recipe(tmp_path / "r.yaml", base, [tmp_path / "a0", tmp_path / "a1"], non_expert_weights="average")
+    merge(recipe, tmp_path / "out")
+    out, b = read_tensors(tmp_path / "out"), read_tensors(base)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected = ((own[0][name].double() + own[1][name].double()) / 2).float()
+        assert not torch.allclose(expected, b[name], atol=1e-3), name  # the adapters do change it
+        torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_average_of_mlp_only_adapters_copies_the_base(tmp_path):
     base = make_base(tmp_path / "base")
     for i in range(2):

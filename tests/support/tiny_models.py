@@ -31,15 +31,17 @@ MLP_ERROR = 0.999  # an MLP output 0.1% off must fail the same comparison
 VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" ", ".", ",", "?", "0", "1"]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer that adds BOS, as Llama's does."""
+def tiny_tokenizer(eos_and_unk: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer that adds BOS, as Llama's does; without `eos_and_unk` it has no token to
+    lend for padding (no pad, eos or unk token)."""
     vocab = {token: i for i, token in enumerate(VOCAB)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     from tokenizers.processors import TemplateProcessing
 
     backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    special = {"eos_token": "</s>", "unk_token": "<unk>"} if eos_and_unk else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", **special)
 
 
 def tiny_config(family: str = "llama", **overrides) -> PreTrainedConfig:

@@ -69,7 +69,7 @@ def _pastel(expert: int) -> tuple[int, int, int]:
 
 
 def _has_color(image: Image.Image, color: tuple[int, int, int], tolerance: int = 2) -> bool:
-    pixels = torch.from_numpy(numpy.asarray(image.convert("RGB"))).reshape(-1, 3).int()
+    pixels = torch.from_numpy(numpy.array(image.convert("RGB"))).reshape(-1, 3).int()
     return bool(((pixels - torch.tensor(color)).abs().amax(dim=1) <= tolerance).any())
 
 
