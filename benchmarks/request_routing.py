@@ -5,7 +5,7 @@ On the routing benchmark's held-out texts (benchmarks/routing_quality.py), per d
   and on its first `--decide-tokens` tokens, for several decision rules (which layers, probabilities or logits);
 - perplexity on each text's tokens after the first `--decide-tokens`: token routing (top-2, as built), request
   routing (decided from those first tokens: top-1, top-2 with the router's choice, top-2 with fixed weights), and
-  the oracle (the text's own expert alone, forced: exactly the dense expert, see tests/test_request_routing.py);
+  the oracle (the text's own expert alone, forced: exactly the dense expert, see tests/tools/test_request_routing.py);
 - generation speed on the demo model (examples/demo_recipe.yaml) through the engine `moemerge serve` runs
   (moemerge.tools.engine.Engine, greedy): token routing top-2 against request routing top-1, alternating in one run.
 

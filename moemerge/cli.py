@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover
 
 from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError, OptionError
+from moemerge.formats import FORMATS
 from moemerge.hub.push import PushFailed, check_push_target, push
 from moemerge.inputs.gate_modes import modes_help
 from moemerge.inputs.prompts import read_dataset_csv, read_prompt_file
@@ -34,14 +35,16 @@ from moemerge.interrupt import EXIT_CODE, exit_code, handling_signals, interrupt
 from moemerge.output.merge import MergeSummary, merge
 from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
-from moemerge.tools.request_routing import RequestRouting, decide
-from moemerge.tools.routing import EXPERT_COLORS, Routing, load_moe, route
+from moemerge.tools.request_routing import RequestRouting
+from moemerge.tools.route_report import route_prompts
+from moemerge.tools.routing import EXPERT_COLORS, load_moe
 from moemerge.tools.verify import verify
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Build a mixture-of-experts model (Mixtral, Qwen2-MoE, Qwen3-MoE) from a base model and experts.",
+    help=f"Build a mixture-of-experts model ({', '.join(f.title for f in FORMATS.values())}) from a base model and "
+    "experts.",
 )
 err = Console(stderr=True)
 DEBUG = {"on": False}
@@ -183,9 +186,9 @@ def push_command(
     _push(out, repo_id, private, revision, create_pr)
 
 
-def _layer_strip(routing: Routing) -> str:
+def _layer_strip(experts: list[int]) -> str:
     """One coloured digit per layer: the expert that is the first choice of most tokens in that layer."""
-    return "".join(f"[{EXPERT_COLORS[int(e) % len(EXPERT_COLORS)]}]{int(e) % 10}[/]" for e in routing.layer_top1())
+    return "".join(f"[{EXPERT_COLORS[e % len(EXPERT_COLORS)]}]{e % 10}[/]" for e in experts)
 
 
 @app.command("route")
@@ -207,35 +210,22 @@ def route_command(
     if not texts:
         raise MoemergeError("give prompts to route, or --file prompts.txt")
     model, tokenizer, names = load_moe(out, resolve_device(device))
-    RequestRouting("request", request_top_k).checked(names)
-    results = [(text, route(model, tokenizer, text)) for text in texts]
-    decisions = [decide(r.logits, request_top_k).report(names)["chosen"] for _, r in results]
+    report = route_prompts(model, tokenizer, names, texts, request_top_k)
     if json_output:
-        rows = [
-            {
-                "prompt": text,
-                "tokens": r.logits.shape[1],
-                "shares": dict(zip(names, r.shares().tolist(), strict=True)),
-                "top_expert": names[int(r.shares().argmax())],
-                "layers": list(r.layers),
-                "layer_top_expert": [names[int(i)] for i in r.layer_top1()],
-                "layer_shares": r.layer_shares().tolist(),
-                "request": {"top_k": request_top_k, "chosen": chosen},
-            }
-            for (text, r), chosen in zip(results, decisions, strict=True)
-        ]
-        print(json.dumps({"experts": names, "top_k": model.config.num_experts_per_tok, "prompts": rows}, indent=2))
+        print(json.dumps(report, indent=2))
         return
-    top_k = model.config.num_experts_per_tok
-    table = Table(title=f"routing (top-{top_k}); layer strip: most tokens' first-choice expert")
+    table = Table(title=f"routing (top-{report['top_k']}); layer strip: most tokens' first-choice expert")
     table.add_column("prompt", max_width=40, overflow="ellipsis", no_wrap=True)
-    table.add_column("layers " + " ".join(map(str, results[0][1].layers)))
+    table.add_column("layers " + " ".join(map(str, report["prompts"][0]["layers"])))
     for name in names:
         table.add_column(name, justify="right")
     table.add_column(f"request top-{request_top_k}")
-    for (text, r), chosen in zip(results, decisions, strict=True):
-        request = " ".join(f"{name} {weight:.2f}" for name, weight in chosen.items())
-        table.add_row(text.replace("\n", " "), _layer_strip(r), *(f"{v:.2f}" for v in r.shares()), request)
+    index = {name: i for i, name in enumerate(names)}
+    for row in report["prompts"]:
+        request = " ".join(f"{name} {weight:.2f}" for name, weight in row["request"]["chosen"].items())
+        strip = _layer_strip([index[name] for name in row["layer_top_expert"]])
+        shares = (f"{share:.2f}" for share in row["shares"].values())
+        table.add_row(row["prompt"].replace("\n", " "), strip, *shares, request)
     colors = EXPERT_COLORS
     legend = "  ".join(f"[{colors[i % len(colors)]}]{i % 10}[/]={name}" for i, name in enumerate(names))
     console = Console()

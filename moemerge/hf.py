@@ -22,7 +22,7 @@ def quiet() -> None:
 
 def load_model(path: Path, dtype: torch.dtype | str = "auto") -> PreTrainedModel:
     """A causal LM from a local folder, in eval mode, on the CPU in one piece (no device map: the gates'
-    router inputs are captured layer by layer instead, moemerge.layer_stream)."""
+    router inputs are captured layer by layer instead, moemerge.gates.layer_stream)."""
     from transformers import AutoModelForCausalLM
 
     quiet()

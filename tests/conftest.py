@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from support.hostile import copy_sources, make_sources
+from support.verified import OutputGuard
 
 
 @pytest.fixture(scope="module")
@@ -19,3 +20,15 @@ def work(masters, tmp_path, monkeypatch) -> Path:
     copy_sources(masters, tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+_GUARD = OutputGuard()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outputs_with_features_verify(tmp_path_factory):
+    """After each test module (a scan per test would cost the suite minutes): every output its tests wrote with
+    a non-default feature passes `moemerge verify` (support/verified)."""
+    yield
+    failures = _GUARD.check_new(tmp_path_factory.getbasetemp())
+    assert not failures, "\n".join(failures)

@@ -1,7 +1,8 @@
 """The package's import graph flows one way: no moemerge module imports, directly or through others, a
 module that imports it back, and no package folder (inputs, gates, formats, output, tools, hub) imports one
-that imports it back. Imports are read from the source with ast (also those inside functions and under
-TYPE_CHECKING), so a cycle hidden behind a late import counts too."""
+that imports it back. Beyond that, every import goes down the layers docs/layout.md states (its `layers`
+block): output/ does not reach into tools/, gates/ not into formats/. Imports are read from the source with
+ast (also those inside functions and under TYPE_CHECKING), so a cycle hidden behind a late import counts too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # tests/ sits in the repository root
 PACKAGE = ROOT / "moemerge"
+LAYOUT = ROOT / "docs" / "layout.md"
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -68,6 +70,59 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+def stated_layers(text: str) -> dict[str, int]:
+    """The `layers` block of a layout page: each package folder or top-level module (`moemerge` is the
+    package's __init__) → its layer, 0 the lowest."""
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0]
+    layers: dict[str, int] = {}
+    for line in block.splitlines():
+        number, *names = line.split()
+        layers |= dict.fromkeys(names, int(number))
+    return layers
+
+
+def short(node: str) -> str:
+    return node.removeprefix("moemerge.")
+
+
+def upward_imports(packages: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """Every import between package nodes that does not go to a lower layer: beside (same layer) or above."""
+    return [
+        f"{short(node)} -> {short(target)}"
+        for node, targets in sorted(packages.items())
+        for target in sorted(targets)
+        if layers[short(target)] >= layers[short(node)]
+    ]
+
+
+def test_docs_layout_gives_every_folder_and_top_level_module_one_layer():
+    packages = package_graph(import_graph(PACKAGE))
+    text = LAYOUT.read_text(encoding="utf-8")
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0].split()
+    named = [word for word in block if not word.isdigit()]
+    assert len(named) == len(set(named)), "a name appears on two layers"
+    assert set(stated_layers(text)) == {short(node) for node in packages}
+
+
+def test_imports_go_down_the_layers_docs_layout_states():
+    packages = package_graph(import_graph(PACKAGE))
+    assert upward_imports(packages, stated_layers(LAYOUT.read_text(encoding="utf-8"))) == []
+
+
+def test_an_import_beside_or_above_breaks_the_layers():
+    """output -> tools (beside), gates -> formats (beside), inputs -> output (above): each named once;
+    output -> gates (below) is fine."""
+    layers = stated_layers("text\n```layers\n0  inputs\n1  formats gates\n2  output tools\n```\n")
+    packages = {
+        "moemerge.inputs": {"moemerge.output"},
+        "moemerge.gates": {"moemerge.formats", "moemerge.inputs"},
+        "moemerge.formats": {"moemerge.inputs"},
+        "moemerge.output": {"moemerge.gates", "moemerge.tools"},
+        "moemerge.tools": set(),
+    }
+    assert upward_imports(packages, layers) == ["gates -> formats", "inputs -> output", "output -> tools"]
 
 
 def test_no_import_cycle_among_moemerge_modules():

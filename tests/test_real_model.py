@@ -61,6 +61,24 @@ def test_tied_embeddings_become_an_explicit_lm_head(demo):
     assert torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
 
 
+def test_readme_demo_table_is_what_the_demo_prints(demo):
+    """Every figure of the README's demo table: the share of (layer, token) top-2 slots per expert that
+    examples/demo.py prints for each question, loading the output as the demo does (its default dtype)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    body = readme[readme.index("┡") : readme.index("└")].splitlines()[1:]
+    shown = {cells[0]: cells[1:] for cells in ([c.strip() for c in row.strip("│").split("│")] for row in body)}
+    assert list(shown) == list(QUESTIONS)
+    out = demo / "out"
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    for domain, question in QUESTIONS.items():
+        shares = route(model, tokenizer, question).shares()
+        printed = [f"{s:.2f}" for s in shares.tolist()] + [list(QUESTIONS)[int(shares.argmax())]]
+        assert shown[domain] == printed, (domain, shown[domain], printed)
+
+
 def test_report_of_the_demo_renders_in_chromium(demo, tmp_path):
     """The report page of held-out domain texts, opened in headless Chromium: no console errors, nothing
     fetched, the heatmap shown, every expert's colour on screen."""

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from moemerge.formats.common import MoeLayout
 from moemerge.inputs.families import InputFamily, mlp_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Gating:
+    """How a sparse layer of the format weighs its experts, as its readers (transformers, vLLM) compute it: the
+    router's softmax over the routed experts, its top k, then these choices."""
+
+    renormalised_top_k: bool = True  # the top-k weights are divided by their sum (Qwen's norm_topk_prob)
+    shared_expert_gate: bool = False  # each shared expert's output is scaled by sigmoid(gate · h), a [1, hidden] gate
 
 
 class OutputFormat(ABC):
@@ -15,14 +28,17 @@ class OutputFormat(ABC):
     new module and one line in the registry."""
 
     name: str  # the recipe's `architecture:` value
+    title: str  # the format's name in prose (help, README, compatibility table)
     model_type: str
     class_name: str  # what AutoModelForCausalLM loads it as
     experts_key: str  # the config key holding the number of routed experts
     expert_size_key: str  # the config key holding a routed expert's intermediate size
-    holds_shared_expert: bool = False
+    shared_experts: int = 0  # shared experts a sparse layer can hold beside the routed ones (a recipe's at most)
+    gating: Gating = Gating()
     holds_dense_layers: bool = False  # config.json can say a layer has a plain MLP (Qwen's mlp_only_layers)
     zero_shared_expert_size: int = 0  # the all-zero shared expert written when the recipe has none
     shared_gate_fill: float = 0.0  # every entry of the shared-expert gate
+    moe_attributes: tuple[str, ...] = ("mlp",)  # the loaded decoder layer's attribute holding its MoE block
     refused_families: ClassVar[Mapping[str, str]] = {}  # input family → why this format cannot hold it
 
     def refusal(self, family: InputFamily, base_config: dict[str, Any]) -> str | None:
@@ -85,3 +101,13 @@ class OutputFormat(ABC):
 
     def num_experts(self, config: dict[str, Any]) -> int:
         return int(config[self.experts_key])
+
+    def moe_block(self, model: torch.nn.Module, layer: int) -> torch.nn.Module | None:
+        """Layer `layer`'s MoE block in a model transformers loaded from this format: the module holding the
+        router (`.gate`) and the routed experts (`.experts`). None for a dense layer (mlp_only_layers)."""
+        decoder = model.model.layers[layer]
+        for attribute in self.moe_attributes:
+            block = getattr(decoder, attribute, None)
+            if hasattr(block, "gate") and hasattr(block, "experts"):
+                return block
+        return None

@@ -12,10 +12,12 @@ MLP_TO_MIXTRAL = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 class Mixtral(OutputFormat):
     name = "mixtral"
+    title = "Mixtral"
     model_type = "mixtral"
     class_name = "MixtralForCausalLM"
     experts_key = "num_local_experts"
     expert_size_key = "intermediate_size"
+    moe_attributes = ("mlp", "block_sparse_moe")  # transformers 5, transformers 4
     refused_families = {
         "qwen2": "Qwen2 attention has q/k/v biases, which Mixtral cannot hold; use architecture: qwen2_moe",
         "qwen3": "Qwen3 attention normalises q and k (q_norm/k_norm), which Mixtral lacks; use architecture: qwen3_moe",

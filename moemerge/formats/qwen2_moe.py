@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from moemerge.formats.common import MoeLayout, attention_head_dim, dense_shapes, rope_settings
-from moemerge.formats.qwen_moe import QwenMoeLayout
+from moemerge.formats.format import Gating
+from moemerge.formats.qwen_moe import QwenMoeFormat
 from moemerge.inputs.families import InputFamily
 
 SHARED_GATE_WEIGHT = 0.5  # sigmoid(≈0): the shared expert's weight in the mix
@@ -27,11 +28,13 @@ QKV = ("q_proj", "k_proj", "v_proj")
 _CONVERTED_ROPE = (None, "default", "yarn")
 
 
-class Qwen2Moe(QwenMoeLayout):
+class Qwen2Moe(QwenMoeFormat):
     name = "qwen2_moe"
+    title = "Qwen2-MoE"
     model_type = "qwen2_moe"
     class_name = "Qwen2MoeForCausalLM"
-    holds_shared_expert = True
+    shared_experts = 1
+    gating = Gating(shared_expert_gate=True)
     zero_shared_expert_size = 32
     shared_gate_fill = SHARED_GATE_FILL
     refused_families = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moemerge.formats.common import MoeLayout, attention_head_dim, dense_shapes
-from moemerge.formats.qwen_moe import QwenMoeLayout
+from moemerge.formats.qwen_moe import QwenMoeFormat
 
 _NO_QK_NORM = (
     "Qwen3-MoE normalises q and k in every attention layer, and a {} base has no q_norm/k_norm weights to "
@@ -13,8 +13,9 @@ _NO_QK_NORM = (
 )
 
 
-class Qwen3Moe(QwenMoeLayout):
+class Qwen3Moe(QwenMoeFormat):
     name = "qwen3_moe"
+    title = "Qwen3-MoE"
     model_type = "qwen3_moe"
     class_name = "Qwen3MoeForCausalLM"
     refused_families = {

@@ -15,7 +15,7 @@ DENSE_LAYER_CAVEAT = (
 )
 
 
-class QwenMoeLayout(OutputFormat):
+class QwenMoeFormat(OutputFormat):
     experts_key = "num_experts"
     expert_size_key = "moe_intermediate_size"
     holds_dense_layers = True
@@ -42,7 +42,7 @@ class QwenMoeLayout(OutputFormat):
             "intermediate_size": base["intermediate_size"],
             "moe_intermediate_size": base["intermediate_size"],
             "num_experts": layout.num_experts,
-            "norm_topk_prob": True,
+            "norm_topk_prob": self.gating.renormalised_top_k,
             "decoder_sparse_step": 1,
             "mlp_only_layers": list(layout.dense_layers),
             "use_sliding_window": False,

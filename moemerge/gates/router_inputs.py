@@ -2,9 +2,9 @@
 one layer at a time.
 
 The MoE shares the base's attention and norms, so the dense base's post_attention_layernorm output is the
-router's input. The prompts go through the base one decoder layer at a time (moemerge.layer_stream), so a
+router's input. The prompts go through the base one decoder layer at a time (moemerge.gates.layer_stream), so a
 consumer gets layer i's router inputs for every prompt, uses them and lets them go before layer i+1's come:
-memory holds one layer's weights, the prompts' hidden states (moemerge.activations) and one layer's capture.
+memory holds one layer's weights, the prompts' hidden states (moemerge.gates.activations) and one layer's capture.
 
 Pad tokens and the special tokens the tokenizer adds (BOS) are left out: BOS hidden states are attention
 sinks with outsized norms that would swamp the prompt's own tokens. Prompts are sorted by length so each

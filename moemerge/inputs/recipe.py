@@ -27,6 +27,7 @@ DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
 }
+DTYPE_ADVICE = "use bfloat16, float16 or float32"  # what every refused dtype is told
 # Keys that belong to later features or other tools: refused with a reason instead of a spelling hint.
 EXPLAINED_KEYS = {
     "merge_method": "merge_method belongs to mergekit-yaml merges, not to MoE recipes; remove it",
@@ -46,7 +47,7 @@ def _as_list(value: Any) -> Any:
 # Numbers are finite (no .inf/.nan) and within ranges that keep float32 arithmetic finite: a recipe value
 # is refused here, by key, rather than surfacing as NaN in a tensor once writing has started.
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the per-tensor noise seeds are taken modulo 2**63
 MAX_SCALE = 1e4  # gate_scale, residual_scale, noise_scale: far beyond any useful value, far below overflow
 
 
@@ -88,7 +89,7 @@ class TrainingSpec(BaseModel):
     holdout: float = Field(default=0.2, ge=0, lt=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     layers: list[Annotated[int, Field(ge=0)]] | None = None
-    tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (gates/on_moe.py)
+    tune_on_moe: bool = False  # refit every router on the merged MoE's own router inputs (output/on_moe.py)
 
     @field_validator("layers")
     @classmethod
@@ -159,7 +160,7 @@ class Recipe(BaseModel):
             return None
         key = str(value).lower().removeprefix("torch.")
         if key not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype {value!r}; use bfloat16, float16 or float32")
+            raise ValueError(f"unknown dtype {value!r}; {DTYPE_ADVICE}")
         return DTYPE_ALIASES[key]
 
     @field_validator("base_model", mode="before")
@@ -243,7 +244,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{path}: unknown key{hint}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "too_long" and loc[-1] == "shared_experts":
-        message = "at most one shared expert: the Qwen2-MoE format holds one per layer"
+        message = "at most one shared expert: moemerge writes one beside the routed experts of each layer"
     return f"{path}: {message}" if path else message
 
 

@@ -166,7 +166,8 @@ def model_card(
 ) -> str:
     """Markdown with a YAML header.
 
-    `stats` holds `name` (the output folder's name), `model_type`, `class_name`, `layers`, `total_params`,
+    `stats` holds `name` (the output folder's name), `model_type`, `title` and `class_name` (the format's),
+    `layers`, `total_params`,
     `active_params` and optionally `caveat` (what a consumer does differently, see OutputFormat.caveat),
     `dtype`; `sources` is moemerge.json's record of what each recipe key resolved to; `training` is
     gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known;
@@ -207,7 +208,7 @@ def model_card(
 
 # {title}
 
-A {stats["model_type"]} mixture of experts with {len(names)} experts ({", ".join(_cell(n) for n in names)}), built with
+A {stats["title"]} mixture of experts with {len(names)} experts ({", ".join(_cell(n) for n in names)}), built with
 [moemerge](https://pypi.org/project/moemerge/) from the base {base_cell}. Attention, embeddings and norms come
 from the base; each expert contributes its MLP; a router in every layer sends each token to
 {recipe.experts_per_token} of the {len(names)} experts.

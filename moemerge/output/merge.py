@@ -15,23 +15,23 @@ from moemerge.device import resolve_device
 from moemerge.errors import MoemergeError
 from moemerge.files import CONFIG
 from moemerge.formats.common import MoeLayout
+from moemerge.formats.structure import check_structure
 from moemerge.gates.background import gates_in_background
 from moemerge.gates.modes import compute_gates
 from moemerge.gates.modes.mode import GateContext, GateResult
-from moemerge.gates.on_moe import tune_on_moe
 from moemerge.hub.download import HubFetcher
 from moemerge.inputs.prompts import gather_prompts
 from moemerge.inputs.recipe import Recipe, load_recipe
+from moemerge.output.on_moe import tune_on_moe
 from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
 from moemerge.output.options import MergeOptions
-from moemerge.output.plan import build_plan, check_plan
+from moemerge.output.plan import build_plan, check_plan, parameter_counts
 from moemerge.output.records import Made, write_records
 from moemerge.output.routing_picture import draw_routing_picture
 from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
-from moemerge.output.writer import PlannedTensor, write_json, write_shards
+from moemerge.output.writer import PlannedTensor, rewrite_tensors, write_json, write_shards
 from moemerge.progress import Progress, Silent
-from moemerge.tools.verify import check_structure
 
 log = logging.getLogger("moemerge")
 TUNING_REPORT = "router_tuning.json"
@@ -107,7 +107,7 @@ def _unless_gates_refused(advance: Callable[[int], None], pending: Future[GateRe
 
 def _plan(inputs: Inputs, recipe: Recipe, layout: MoeLayout, gates, dtype) -> list[PlannedTensor]:
     return build_plan(
-        inputs.output,
+        inputs.out_format,
         inputs.base,
         inputs.shape,
         inputs.experts,
@@ -132,17 +132,17 @@ def merge(
     check_output(out, options.force, [("the recipe", recipe_path)])  # before any download
     hub = HubFetcher(options.allow_pickle, progress=progress)  # Hub ids → cached folders; records commits
     inputs = open_inputs(recipe, recipe_path.parent, options, hub)
-    base, shape, experts, output = inputs.base, inputs.shape, inputs.experts, inputs.output
+    base, shape, experts, out_format = inputs.base, inputs.shape, inputs.experts, inputs.out_format
     dtype = output_dtype(options, recipe, base)
     prompts = gather_prompts(recipe, recipe_path.parent)
     check_output(out, options.force, inputs.read_paths(recipe_path, prompts.files))
     tuning_prompts = _tuning_prompts(recipe, prompts.labelled, prompts.positive)
 
     layout = _layout(recipe, inputs, str(dtype).removeprefix("torch."))
-    config = output.config(base.config, layout)
-    if caveat := output.caveat(layout):
-        log.warning(f"{output.name}: {caveat}")
-    check_plan(_plan(inputs, recipe, layout, None, dtype), output.expected_tensors(config), output.name)
+    config = out_format.config(base.config, layout)
+    if caveat := out_format.caveat(layout):
+        log.warning(f"{out_format.name}: {caveat}")
+    check_plan(_plan(inputs, recipe, layout, None, dtype), out_format.expected_tensors(config), out_format.name)
     context = GateContext(
         recipe,
         prompts,
@@ -168,14 +168,12 @@ def merge(
         copy_side_files(base.path, partial)
         sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
         if recipe.training.tune_on_moe:
-            tuned = tune_on_moe(partial, output, sparse, tuning_prompts, len(experts), recipe.training)
+            tuned = tune_on_moe(partial, out_format, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
-            digests |= tuned.shard_sha256
-        gate_names = {layer: output.gate_name(layer) for layer in sparse}
+            digests |= rewrite_tensors(partial, tuned.routers)
+        gate_names = {layer: out_format.gate_name(layer) for layer in sparse}
         picture = draw_routing_picture(partial, context, gate_names)  # after tuning: final routers
-        total = sum(t.numel for t in plan)
-        per_expert = sum(t.numel for t in plan if ".experts.0." in t.name)
-        active = total - per_expert * (len(experts) - recipe.experts_per_token)
+        total, active = parameter_counts(plan, out_format, shape.num_layers, len(experts), recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
             recipe,

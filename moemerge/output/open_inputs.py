@@ -16,7 +16,7 @@ from moemerge.hub.download import HubFetcher
 from moemerge.inputs.experts import Expert
 from moemerge.inputs.families import DenseShape, check_expert_shape, check_tensor_names, dense_shape
 from moemerge.inputs.lora import LoraAdapter
-from moemerge.inputs.recipe import DTYPE_ALIASES, ExpertSpec, Recipe
+from moemerge.inputs.recipe import DTYPE_ADVICE, DTYPE_ALIASES, ExpertSpec, Recipe
 from moemerge.inputs.sources import ModelSource, resolve_reference
 from moemerge.inputs.vocab import vocab_mismatch
 from moemerge.output.options import MergeOptions
@@ -30,7 +30,7 @@ class Inputs:
 
     base: ModelSource
     shape: DenseShape
-    output: OutputFormat
+    out_format: OutputFormat
     experts: list[Expert]
     shared: Expert | None
     dropped_tokens: dict[str, list[str]]  # expert label → added tokens the MoE leaves out
@@ -49,7 +49,7 @@ def output_dtype(options: MergeOptions, recipe: Recipe, base: ModelSource) -> to
     """The option's dtype, else the recipe's dtype, else the base's own dtype."""
     name = options.dtype or recipe.dtype or base.config.get("torch_dtype") or base.config.get("dtype") or "float32"
     if str(name).lower() not in DTYPE_ALIASES:
-        raise MoemergeError(f"dtype {name!r} is not supported; use bfloat16, float16 or float32")
+        raise MoemergeError(f"dtype {name!r} is not supported; {DTYPE_ADVICE}")
     return getattr(torch, DTYPE_ALIASES[str(name).lower()])
 
 
@@ -89,10 +89,10 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
     shape = dense_shape(base)
     check_tensor_names(base, shape)
     has_shared = bool(recipe.shared_experts)
-    output = choose_format(recipe.architecture, shape.family, base.config, has_shared)
+    out_format = choose_format(recipe.architecture, shape.family, base.config, len(recipe.shared_experts))
     opened: dict[Path, ModelSource] = {base.path.resolve(): base}
     averaged = recipe.non_expert_weights == "average"
-    routed_scale = output.routed_scale(has_shared)
+    routed_scale = out_format.routed_scale(has_shared)
     experts = [
         _open_expert(i, spec, f"experts[{i}]", recipe_dir, base, opened, options, hub, routed_scale, averaged)
         for i, spec in enumerate(recipe.experts)
@@ -116,7 +116,7 @@ def open_inputs(recipe: Recipe, recipe_dir: Path, options: MergeOptions, hub: Hu
             dropped[expert.label] = tokens
         expert.check(base, shape.num_layers, all_adapted=averaged and expert in experts)
     _check_layers(recipe, shape.num_layers)
-    return Inputs(base, shape, output, experts, shared[0] if shared else None, dropped)
+    return Inputs(base, shape, out_format, experts, shared[0] if shared else None, dropped)
 
 
 def _check_layers(recipe: Recipe, num_layers: int) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as validated_dataclass
 
-MAX_SEED = 2**63 - 1  # torch generators take 64 bits; the per-tensor noise seeds are taken modulo 2**63
+from moemerge.inputs.recipe import MAX_SEED
 
 
 @validated_dataclass(config=ConfigDict(strict=True))

@@ -36,20 +36,27 @@ def _filled(name: str, shape: tuple[int, ...], dtype: torch.dtype, value: float,
 
 
 def _shared_expert(
-    output: OutputFormat, shared: Expert | None, base: ModelSource, shape: DenseShape, layer: int, dtype: torch.dtype
+    out_format: OutputFormat,
+    shared: Expert | None,
+    base: ModelSource,
+    shape: DenseShape,
+    layer: int,
+    dtype: torch.dtype,
 ) -> list[PlannedTensor]:
-    """The shared expert's MLP and its gate, a tiny constant: a weight of about 0.5 (see formats.qwen2_moe).
-    Without a shared expert the MLP is all zeros, so it adds nothing."""
+    """The shared expert's MLP, and its gate where the format has one: a tiny constant, so that the shared
+    expert's weight is a fixed one (the format's module says which). Without a shared expert the MLP is all
+    zeros, so it adds nothing."""
     hidden = shape.hidden_size
-    planned = [
-        _filled(output.shared_gate_name(layer), (1, hidden), dtype, output.shared_gate_fill, "shared expert gate")
-    ]
+    planned = []
+    if out_format.gating.shared_expert_gate:
+        fill = out_format.shared_gate_fill
+        planned.append(_filled(out_format.shared_gate_name(layer), (1, hidden), dtype, fill, "shared expert gate"))
     for projection in MLP_PROJECTIONS:
-        name = output.shared_expert_name(layer, projection)
+        name = out_format.shared_expert_name(layer, projection)
         if shared is not None:
             planned.append(_mlp(shared, base, layer, projection, dtype, name))
         else:
-            size = output.zero_shared_expert_size
+            size = out_format.zero_shared_expert_size
             planned.append(
                 _filled(name, (hidden, size) if projection == "down_proj" else (size, hidden), dtype, 0.0, name)
             )
@@ -67,7 +74,7 @@ def _router(gates: Callable[[], torch.Tensor] | None, layer: int) -> Callable[[]
 
 
 def build_plan(
-    output: OutputFormat,
+    out_format: OutputFormat,
     base: ModelSource,
     shape: DenseShape,
     experts: list[Expert],
@@ -101,44 +108,56 @@ def build_plan(
     routers: list[PlannedTensor] = []
     for layer in range(shape.num_layers):
         plan += [shared_weight(name) for name in by_layer.get(layer, [])]
-        for projection in output.zero_biases(shape.family):
+        for projection in out_format.zero_biases(shape.family):
             rows = base.tensors.shape(f"model.layers.{layer}.self_attn.{projection}.weight")[0]
             bias = f"model.layers.{layer}.self_attn.{projection}.bias"
             plan.append(_filled(bias, (rows,), dtype, 0.0, f"zero {projection} bias"))
         dense = layer in dense_layers
-        if dense and output.holds_dense_layers:
+        if dense and out_format.holds_dense_layers:
             plan += [shared_weight(mlp_tensor(layer, projection)) for projection in MLP_PROJECTIONS]
             continue
         gate_shape = (len(experts), shape.hidden_size)
         if dense:
-            plan.append(_filled(output.gate_name(layer), gate_shape, dtype, 0.0, "router of a dense layer"))
+            plan.append(_filled(out_format.gate_name(layer), gate_shape, dtype, 0.0, "router of a dense layer"))
         else:
-            routers.append(PlannedTensor(output.gate_name(layer), gate_shape, dtype, _router(gates, layer), "gates"))
+            router = PlannedTensor(out_format.gate_name(layer), gate_shape, dtype, _router(gates, layer), "gates")
+            routers.append(router)
         for expert in experts:
             for projection in MLP_PROJECTIONS:
-                out = output.expert_name(layer, expert.index, projection)
+                out = out_format.expert_name(layer, expert.index, projection)
                 if dense:
                     plan.append(shared_weight(mlp_tensor(layer, projection), out))
                 else:
                     plan.append(_mlp(expert, base, layer, projection, dtype, out))
-        if output.holds_shared_expert:
-            plan += _shared_expert(output, shared, base, shape, layer, dtype)
+        if out_format.shared_experts:
+            plan += _shared_expert(out_format, shared, base, shape, layer, dtype)
     plan += [shared_weight(name) for name in by_layer.get(-1, []) if name != EMBEDDINGS]
     if LM_HEAD not in copied:
         plan.append(shared_weight(LM_HEAD))
     return plan + routers
 
 
-def check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], output: str) -> None:
+def parameter_counts(
+    plan: list[PlannedTensor], out_format: OutputFormat, layers: int, experts: int, experts_per_token: int
+) -> tuple[int, int]:
+    """The MoE's parameters, all and those one token uses: all but the routed experts it does not run, every
+    routed expert the size of the first (by the format's names, in every layer that has expert slots)."""
+    total = sum(tensor.numel for tensor in plan)
+    first = {out_format.expert_name(layer, 0, projection) for layer in range(layers) for projection in MLP_PROJECTIONS}
+    per_expert = sum(tensor.numel for tensor in plan if tensor.name in first)
+    return total, total - per_expert * (experts - experts_per_token)
+
+
+def check_plan(plan: list[PlannedTensor], expected: dict[str, tuple[int, ...]], format_name: str) -> None:
     """The plan holds exactly the tensors the config implies, before any byte is written: a base that lacks
     one its family should have (a bias, a q/k norm) is named now rather than found by the final check."""
     planned = {tensor.name: tensor.shape for tensor in plan}
     for name, shape in expected.items():
         if name not in planned:
-            raise MoemergeError(f"base_model: tensor {name} is missing, and a {output} output needs it")
+            raise MoemergeError(f"base_model: tensor {name} is missing, and a {format_name} output needs it")
         if planned[name] != shape:
             raise MoemergeError(
                 f"base_model: tensor {name} is {list(planned[name])}, config.json implies {list(shape)}"
             )
     for name in planned.keys() - expected.keys():
-        raise MoemergeError(f"base_model: tensor {name} has no place in a {output} output")
+        raise MoemergeError(f"base_model: tensor {name} has no place in a {format_name} output")

@@ -50,7 +50,7 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "seed": made.options.seed,
             "recipe": recipe.model_dump(mode="json"),
             "sources": made.sources,
-            "architecture": inputs.output.name,
+            "architecture": inputs.out_format.name,
             "dropped_tokens": inputs.dropped_tokens,
             DIGESTS: made.digests,  # checked by `moemerge verify`
         }
@@ -61,7 +61,8 @@ def write_records(partial: Path, name: str, made: Made) -> None:
         write_json(partial / TRAINING_REPORT, training)
     stats = {"name": name, "layers": inputs.shape.num_layers, "total_params": made.total_params}
     stats |= {"active_params": made.active_params}
-    stats |= {"model_type": inputs.output.model_type, "class_name": inputs.output.class_name, "caveat": made.caveat}
+    fmt = inputs.out_format
+    stats |= {"model_type": fmt.model_type, "title": fmt.title, "class_name": fmt.class_name, "caveat": made.caveat}
     stats["dtype"] = str(made.dtype).removeprefix("torch.")
     base = inputs.base
     card = model_card(

@@ -21,7 +21,7 @@ import torch
 
 from moemerge.errors import MoemergeError
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
-from moemerge.inputs.safetensors_header import DTYPE_NAMES, TensorInfo
+from moemerge.inputs.safetensors_header import DTYPE_NAMES, TensorInfo, read_header
 from moemerge.output.filecopy import Writeback, copy_range, truncated
 
 if TYPE_CHECKING:
@@ -227,6 +227,27 @@ def write_shards(
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan)}, "weight_map": weight_map}
     write_json(folder / INDEX_NAME, index)
     return index, {shard_name(n, len(shards)): d.hexdigest() for n, d in enumerate(digests, start=1)}
+
+
+def rewrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Overwrite tensors of the shards written in `folder`, in place, each in the dtype and shape it already
+    has; returns the sha256 of each shard changed, which replaces the one recorded when it was first written.
+    """
+    weight_map: dict[str, str] = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    digests = {}
+    for name in sorted({weight_map[tensor] for tensor in tensors}):
+        file = folder / name
+        infos = read_header(file)
+        with file.open("r+b") as handle:
+            for tensor in (tensor for tensor in tensors if weight_map[tensor] == name):
+                info = infos[tensor]
+                handle.seek(info.start)
+                handle.write(_bytes(tensors[tensor].to(info.dtype).reshape(info.shape).contiguous()))
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.seek(0)
+            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return digests
 
 
 def write_json(path: Path, data: object) -> None:

@@ -1,13 +1,12 @@
 """Which decoder layers of a loaded MoE route, and their router modules: the one place the tools look for them.
 
-A layer routes when it holds an MoE block (a module with a router `gate` beside its `experts`: `mlp` in
-transformers 5's Mixtral, Qwen2-MoE and Qwen3-MoE, `block_sparse_moe` in transformers 4's Mixtral) whose router
-weight is not all zero. A layer that `moe_layers` left dense has no block in Qwen2-MoE and Qwen3-MoE
-(`mlp_only_layers`). Mixtral has no dense layers, so the merge writes one as the same MLP in every expert slot
-behind an all-zero router: a router that scores every expert alike chooses nothing, so that layer does not
-route either. Routing accuracy, shares, request decisions and `layers` counts are over the routing layers only;
-request routing restricts every block's router (on a dense Mixtral layer the experts are one MLP, so that
-changes nothing).
+A layer routes when it holds an MoE block (found by the output format's `moe_block`: a module with a router `gate`
+beside its `experts`) whose router weight is not all zero. A layer that `moe_layers` left dense has no block in
+Qwen2-MoE and Qwen3-MoE (`mlp_only_layers`). Mixtral has no dense layers, so the merge writes one as the same MLP
+in every expert slot behind an all-zero router: a router that scores every expert alike chooses nothing, so that
+layer does not route either. Routing accuracy, shares, request decisions and `layers` counts are over the routing
+layers only; request routing restricts every block's router (on a dense Mixtral layer the experts are one MLP, so
+that changes nothing).
 
 With `output_router_logits`, transformers returns one logits tensor per block, in layer order (a dense Qwen
 layer has none, a dense Mixtral layer has its all-zero router's); `routing_logits` keeps the routing layers'.
@@ -56,18 +55,6 @@ class MoeLayers:
         return torch.stack([router_logits[recorded.index(layer)] for layer in self.routing])
 
 
-def _block(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The layer's MoE block: the child holding a router `gate` beside its `experts`; None for a dense layer."""
-    return next(
-        (
-            m
-            for m in layer.children()
-            if hasattr(m, "experts") and isinstance(getattr(m, "gate", None), torch.nn.Module)
-        ),
-        None,
-    )
-
-
 def _routed_scale(model: PreTrainedModel) -> float | None:
     """From the output's moemerge.json: the format's routed scale when the recipe had a shared expert."""
     manifest = Path(model.name_or_path or ".") / MANIFEST
@@ -81,7 +68,8 @@ def _routed_scale(model: PreTrainedModel) -> float | None:
 
 def moe_layers(model: PreTrainedModel) -> MoeLayers:
     """The model's MoE blocks and routing layers; refuses a model in which no layer routes."""
-    found = {i: _block(layer) for i, layer in enumerate(model.model.layers)}
+    fmt = format_of_config(model.config.to_dict(), model.name_or_path or type(model).__name__)
+    found = {i: fmt.moe_block(model, i) for i in range(len(model.model.layers))}
     blocks = {i: block for i, block in found.items() if block is not None}
     routing = tuple(i for i, block in blocks.items() if bool(block.gate.weight.detach().any()))
     if not routing:

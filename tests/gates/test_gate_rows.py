@@ -15,11 +15,11 @@ from transformers import AutoTokenizer
 from moemerge import MergeOptions, merge
 
 GATE_SCALE = 7.0  # not the default (30), so a gate_scale that is ignored shows
-# Three experts; every prompt of an expert has the same number of tokens (see test_cheap_embed_rows).
+# Three experts; an expert's prompts differ in token count (a mean over tokens is not a mean of prompt means).
 POSITIVE = [
-    ["aaaa bbbb aaaa", "abab aaaa bbba", "bbba aab abbaa"],
-    ["xxxx yyyy zzzz", "zyx xyz zzzz y", "yyy xxx zyzyzz"],
-    ["0101 1010 0, 1", "11 00 1 0 1 01", "1.0, 0.1, 1? 0"],
+    ["aaaa bbbb aaaa", "ab", "bbba aab abbaa"],
+    ["xxxx yyyy zzzz zzzz yyyy", "zyx", "yyy xxx zyzyzz"],
+    ["0101 1010 0, 1", "11", "1.0, 0.1, 1? 0 0 0 0 0 0 0 0"],
 ]
 NEGATIVE = [["zzzz yyyy", "0101 1010"], [], ["aaaa bbbb", "xxxx abab"]]
 
@@ -51,27 +51,33 @@ def test_hidden_rows(base, tmp_path):
 
 def test_cheap_embed_rows(base, tmp_path):
     """Mean input embedding of the positive prompts' tokens minus the negative ones', the same row in every layer,
-    centred, unit length, times gate_scale over the norm of the layer's post-attention norm weight. Every prompt of
-    an expert has the same token count, so the mean over tokens and the mean of per-prompt means agree."""
+    centred, unit length, times gate_scale over the norm of the layer's post-attention norm weight. The mean is of
+    per-prompt means (each prompt's tokens averaged, then the prompts): with prompts of unequal length, the mean
+    over all their tokens gives other rows, which this test tells apart."""
     got = gate_rows(_merge(tmp_path, base, "cheap_embed", gate_scale=GATE_SCALE))
     tensors = read_tensors(base)
     embed = tensors["model.embed_tokens.weight"].double()
     tokenizer = AutoTokenizer.from_pretrained(base)
 
-    def mean_embedding(prompts: list[str]) -> torch.Tensor:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        assert len({len(i) for i in ids}) == 1, "the prompts of one expert must have equal token counts"
-        return embed[torch.tensor(ids).reshape(-1)].mean(dim=0)
+    def prompt_means(prompts: list[str]) -> torch.Tensor:
+        return torch.stack([embed[tokenizer(p, add_special_tokens=False)["input_ids"]].mean(dim=0) for p in prompts])
 
-    rows = torch.stack(
-        [mean_embedding(p) - (mean_embedding(n) if n else 0) for p, n in zip(POSITIVE, NEGATIVE, strict=True)]
-    )
+    def token_mean(prompts: list[str]) -> torch.Tensor:
+        return embed[[i for p in prompts for i in tokenizer(p, add_special_tokens=False)["input_ids"]]].mean(dim=0)
+
     layers = got.shape[0]
     norms = torch.stack(
         [tensors[f"model.layers.{i}.post_attention_layernorm.weight"].double().norm() for i in range(layers)]
     )
-    want = unit_rows(rows.expand(layers, -1, -1), norms, GATE_SCALE)
+
+    def rows_of(mean) -> torch.Tensor:
+        rows = torch.stack([mean(p) - (mean(n) if n else 0) for p, n in zip(POSITIVE, NEGATIVE, strict=True)])
+        return unit_rows(rows.expand(layers, -1, -1), norms, GATE_SCALE)
+
+    want = rows_of(lambda prompts: prompt_means(prompts).mean(dim=0))
     assert_rows_close(got, want, rel=1e-6)
+    pooled = rows_of(token_mean)  # the other averaging, far enough off to fail the check above
+    assert (pooled - want).abs().max() > 1e-2 * want.abs().max()
 
 
 def _ks_statistic(samples: torch.Tensor, cdf) -> float:

@@ -6,12 +6,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support.gate_reference import SHRINKAGE
 from support.tiny_models import VOCAB, make_base, make_expert, tiny_tokenizer, write_recipe
 from transformers import AutoModelForCausalLM
 
 from moemerge import MergeOptions, merge
 from moemerge.errors import MoemergeError
-from moemerge.gates.hidden import SHRINKAGE, LayerPool, _discriminant
+from moemerge.gates.hidden import LayerPool, _discriminant
 from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
 from moemerge.inputs.sources import ModelSource
 
@@ -19,6 +20,11 @@ PROMPTS = [
     ["aaaa bbbb aaaa", "abab aaaa bbb", "bbba aab abba"],
     ["xxxx yyyy zzzz", "zyx xyz zzzz yy", "yyy xxx zyzyz"],
     ["0101 1010 0", "11 00 1 0 1 01", "1.0, 0.1, 1?"],
+]
+HELD_OUT = [  # the same three alphabets, in texts the gates never saw
+    ["baba abba", "aab bbaa ab", "bbbb aaa"],
+    ["zzz xyzy", "yx zz yx", "xzxz yyy zz"],
+    ["10 01 1.0", "0, 1, 0?", "111 000 10"],
 ]
 
 
@@ -77,15 +83,16 @@ def test_padding_does_not_change_router_inputs(tmp_path):
     torch.testing.assert_close(alone, batched[:, owners == 0], atol=1e-5, rtol=1e-5)
 
 
-def test_own_prompts_score_highest_on_own_gate(tmp_path):
+def test_held_out_prompts_score_highest_on_their_experts_gate(tmp_path):
+    """Texts of each expert\x27s alphabet that were not among its prompts score highest on its gate."""
     base = make_base(tmp_path / "base", num_hidden_layers=4)
     experts = [make_expert(base, tmp_path / f"e{i}", seed=i) for i in range(3)]
     specs = [{"source_model": str(e), "positive_prompts": p} for e, p in zip(experts, PROMPTS, strict=True)]
     recipe = write_recipe(tmp_path / "r.yaml", base, specs, experts_per_token=1)
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     rows = _gate_rows(tmp_path / "out", 4)
-    pooled = _pooled(base, [p for group in PROMPTS for p in group])
-    labels = torch.tensor([e for e, group in enumerate(PROMPTS) for _ in group])
+    pooled = _pooled(base, [p for group in HELD_OUT for p in group])
+    labels = torch.tensor([e for e, group in enumerate(HELD_OUT) for _ in group])
     logits = torch.einsum("leh,lph->lpe", rows, pooled)
     correct_per_layer = (logits.argmax(dim=-1) == labels).float().mean(dim=1)
     assert (correct_per_layer >= 2 / 3).sum() >= 3, correct_per_layer

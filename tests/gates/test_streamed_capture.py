@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from support.gate_reference import SHRINKAGE
 from support.tiny_models import make_base, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,7 +23,7 @@ from moemerge import MergeOptions, merge
 from moemerge.errors import MoemergeError
 from moemerge.gates import trained
 from moemerge.gates.activations import Activations
-from moemerge.gates.hidden import SHRINKAGE
+from moemerge.gates.modes.mode import capture_dtype
 from moemerge.gates.router_inputs import CaptureOptions, RouterInputs, pad_ready, prompt_batches
 from moemerge.gates.trained import fit_gates, prompts_within_budget, sample_tokens
 from moemerge.inputs.recipe import TrainingSpec
@@ -136,6 +137,31 @@ def test_activations_on_disk_give_the_same_router_inputs(base):
     assert torch.equal(owners, disk_owners)
     for memory_layer, disk_layer in zip(in_memory, on_disk, strict=True):
         assert torch.equal(memory_layer, disk_layer)
+
+
+def test_activations_budget_bounds_all_batches_together():
+    """The hidden states of every batch are held between two layers, so the budget bounds their sum: four
+    batches of 128 bytes, each within a 300-byte budget alone, go to a temporary file together; within a
+    512-byte budget they stay in memory. Either way each batch reads back as written."""
+    shapes = [(1, 4, 8)] * 4  # 32 float32 values: 128 bytes each
+    batches = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i, shape in enumerate(shapes)]
+    for budget, on_disk in [(300, True), (512, False)]:
+        with Activations(shapes, torch.float32, torch.device("cpu"), budget=budget) as held:
+            assert held.on_disk == on_disk, budget
+            for i, batch in enumerate(batches):
+                held[i] = batch
+            for i, batch in enumerate(batches):
+                assert torch.equal(held[i], batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_capture_dtype_on_cpu_is_bfloat16_only_with_native_bf16(dtype):
+    """On CPU the base runs in bfloat16 only when the output is bfloat16 and the CPU computes it natively (AVX512
+    BF16), else in float32 (float16 on CPU too); on CUDA in the output dtype."""
+    native = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    want = torch.bfloat16 if dtype == torch.bfloat16 and native else torch.float32
+    assert capture_dtype(torch.device("cpu"), dtype) == want
+    assert capture_dtype(torch.device("cuda"), dtype) == dtype
 
 
 def test_kept_tokens_and_layer_count(base):

@@ -236,3 +236,76 @@ def test_one_prompt_per_expert_leaves_nothing_to_hold_out():
     rows, report = train_gates(inputs, [0, 1, 2], 3, TrainingSpec(steps=5, holdout=0.5), [0, 1], 10_000)
     assert rows.shape == (2, 3, 8)
     assert report.holdout_prompts == 0 and report.train_prompts == 3 and report.accuracy_on == "training"
+
+
+def _captured(features: torch.Tensor, owners: torch.Tensor) -> SimpleNamespace:
+    """Router inputs [layers, tokens, hidden] of prompts `owners` [tokens], as the streamed capture hands them out."""
+    return SimpleNamespace(
+        owners=owners,
+        options=SimpleNamespace(device=torch.device("cpu")),
+        layers=lambda count, keep, on_batch=None: (layer[keep] for layer in features[:count]),
+    )
+
+
+def test_reported_accuracy_is_scored_on_the_held_out_prompts_only():
+    """Each prompt is its own random direction, so the fit learns the training prompts by heart and cannot
+    generalise: its accuracy there is 1, on held-out prompts near chance. The report must give the held-out
+    figure, computed here from the returned rows on the tokens of the prompts split_prompts holds out."""
+    from moemerge.gates.trained import train_gates
+    from moemerge.inputs.prompts import split_prompts
+    from moemerge.inputs.recipe import TrainingSpec
+
+    experts, prompts_per_expert, tokens_per_prompt, hidden = 3, 10, 4, 64
+    generator = torch.Generator().manual_seed(5)
+    labels = [e for e in range(experts) for _ in range(prompts_per_expert)]
+    directions = torch.randn(len(labels), hidden, generator=generator)
+    owners = torch.arange(len(labels)).repeat_interleave(tokens_per_prompt)
+    features = (directions[owners] + 0.01 * torch.randn(len(owners), hidden, generator=generator))[None]
+    spec = TrainingSpec(steps=200, lr=0.05, holdout=0.3, seed=0)
+    rows, report = train_gates(_captured(features, owners), labels, experts, spec, [0], 10_000)
+
+    train, held = split_prompts(labels, spec.holdout, spec.seed)
+    token_labels = torch.tensor(labels)[owners]
+
+    def accuracy(prompts: list[int]) -> float:
+        tokens = torch.isin(owners, torch.tensor(prompts))
+        predicted = (features[0, tokens] @ rows[0].T).argmax(dim=-1)
+        return (predicted == token_labels[tokens]).double().mean().item()
+
+    assert accuracy(train) == 1.0 and accuracy(held) < 0.9  # the two figures differ: the test can tell them apart
+    assert report.accuracy_on == "held-out" and report.holdout_prompts == len(held) == 9
+    assert report.holdout_tokens == len(held) * tokens_per_prompt
+    assert report.layer_accuracy == pytest.approx([accuracy(held)], abs=1e-6)
+
+
+def test_fitted_rows_are_divided_by_the_input_scale():
+    """Inputs are divided by their mean norm while fitting and the rows by the same norm afterwards, so the
+    router logits do not depend on the inputs' scale: inputs 8 times larger give rows 8 times smaller (8, a
+    power of two, keeps the normalised inputs bit for bit the same)."""
+    from moemerge.gates.trained import fit_gates
+    from moemerge.inputs.recipe import TrainingSpec
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(60) % 3
+    features = torch.randn(2, 60, 16, generator=generator) + torch.nn.functional.one_hot(labels, 16)[None] * 3.0
+    spec = TrainingSpec(steps=30, lr=0.05)
+    rows = fit_gates(features, labels, 3, spec)
+    larger = fit_gates(features * 8, labels, 3, spec)
+    assert rows.abs().max() > 0
+    torch.testing.assert_close(larger * 8, rows, rtol=1e-5, atol=1e-7)
+
+
+def test_classes_are_weighted_equally_whatever_their_token_counts():
+    """Tokens that cannot be told apart (one input vector), 90 labelled 0 and 10 labelled 1: the fit that weighs
+    both classes equally gives them equal probability (0.5 each), where an unweighted cross-entropy would
+    learn the token counts (0.9 and 0.1)."""
+    from moemerge.gates.trained import fit_gates
+    from moemerge.inputs.recipe import TrainingSpec
+
+    generator = torch.Generator().manual_seed(2)
+    vector = torch.randn(16, generator=generator)
+    features = vector.expand(1, 100, 16).clone()
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    rows = fit_gates(features, labels, 2, TrainingSpec(steps=300, lr=0.05))
+    probabilities = (rows[0] @ vector).softmax(dim=-1)
+    assert probabilities[1].item() == pytest.approx(0.5, abs=0.1), probabilities

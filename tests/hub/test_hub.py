@@ -261,6 +261,7 @@ def test_trained_gates_card_reports_held_out_accuracy(tmp_path):
         "total_params": 1000,
         "active_params": 600,
         "model_type": "mixtral",
+        "title": "Mixtral",
         "class_name": "MixtralForCausalLM",
     }
     card = model_card(recipe, "base_model: org/base\n", stats, None, None, training)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -228,6 +227,10 @@ def test_fuzz_adapter_config(masters, tmp_path, changes, dropped):
 
 
 def test_fuzz_examples_ran():
-    """The count the closing report quotes; runs last in this file."""
+    """The count the closing report quotes; runs last in this file. Each fuzz test that ran did run all its
+    examples, and some of them were merged into outputs that verify accepted (not only refused)."""
     print(f"fuzz examples run: {RAN} (total {sum(RAN.values())}); distinct outputs verified: {len(VERIFIED)}")
-    assert math.fsum(RAN.values()) >= 0
+    if not RAN:
+        pytest.skip("no fuzz test ran in this session")
+    assert all(count == EXAMPLES for count in RAN.values()), RAN
+    assert VERIFIED, "every example was refused: no merge was ever checked"

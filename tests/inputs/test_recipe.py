@@ -267,7 +267,7 @@ def _without(data: dict, index: int, key: str) -> dict:
         pytest.param(recipe(models=[]), "models: `models` is a mergekit-yaml key", id="models"),
         pytest.param(
             recipe(shared_experts=[expert("c"), expert("d")]),
-            "shared_experts: at most one shared expert: the Qwen2-MoE format holds one per layer",
+            "shared_experts: at most one shared expert: moemerge writes one beside the routed experts of each layer",
             id="two-shared-experts",
         ),
         pytest.param(

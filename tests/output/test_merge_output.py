@@ -358,7 +358,8 @@ def test_lora_experts_equal_base_plus_scaled_delta(tmp_path, bases, experts):
         r=4,
         lora_alpha=8,
         rank_pattern={"down_proj": 2},
-        alpha_pattern={"down_proj": 32, "model.layers.1.mlp.up_proj": 16},
+        # "p_proj" ends "up_proj" but is no dotted suffix of it: PEFT matches (.*\.)?pattern, so it changes nothing
+        alpha_pattern={"down_proj": 32, "model.layers.1.mlp.up_proj": 16, "p_proj": 99},
     )
     sources = [
         tmp_path / "plain",

@@ -154,3 +154,20 @@ def test_average_makes_a_dense_layer_the_mean_of_the_experts_mlps(tmp_path):
         name = f"model.layers.2.mlp.{projection}.weight"
         expected = (sum(t[name].double() for t in own) / 3).float()
         assert torch.allclose(out[name], expected, atol=1e-7, rtol=1e-6), name
+
+
+@pytest.mark.parametrize(("family", "shared"), [("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_active_parameters_leave_out_the_routed_experts_a_token_skips(tmp_path, family, shared):
+    """Three experts, top 2, one sparse layer of three: a token skips one routed expert's MLP in every layer
+    that has expert slots (all three in Mixtral, whose dense layers keep them; the sparse one in Qwen). The
+    count comes from the written tensors and config.json, not from the merge's names."""
+    base = make_base(tmp_path / "base", family)
+    experts = [make_expert(base, tmp_path / f"e{i}", seed=i + 1) for i in range(3)]
+    fields = {"shared_experts": [{"source_model": str(base)}]} if shared else {}
+    recipe = write_recipe(tmp_path / "r.yaml", base, experts, gate_mode="random", moe_layers=[1], **fields)
+    summary = merge(recipe, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    total = sum(tensor.numel() for tensor in read_tensors(tmp_path / "out").values())
+    slot_layers = config["num_hidden_layers"] - len(config.get("mlp_only_layers", []))
+    expert_size = 3 * config["hidden_size"] * config.get("moe_intermediate_size", config["intermediate_size"])
+    assert (summary.total_params, summary.active_params) == (total, total - (3 - 2) * slot_layers * expert_size)

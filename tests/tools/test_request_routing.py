@@ -263,3 +263,27 @@ def test_cli_bad_request_values_get_one_line_error(mixtral, tmp_path, args, word
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], run.stderr
+
+
+@pytest.mark.parametrize(("chosen", "per_token"), [((1, 3), 1), ((0, 2, 3), 2), ((0, 1, 2, 3), 2)])
+def test_router_mixing_runs_at_most_experts_per_token(chosen, per_token):
+    """Under router mixing each (layer, token) runs the router's own top `experts_per_token` among the chosen
+    experts, however many were chosen; a reply's routing shares count those and report that top_k."""
+    from moemerge.tools.reply_routing import ReplyRouting
+    from moemerge.tools.request_routing import experts_run
+
+    logits = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(len(chosen)))
+    decision = Decision(chosen, tuple(1 / len(chosen) for _ in chosen), "router", "router")
+    ran = experts_run(decision, logits, per_token)
+    among = logits[..., list(chosen)].topk(per_token, dim=-1).indices  # by definition: top-k of the chosen columns
+    want = torch.tensor(chosen)[among]
+    assert ran.shape == (3, 5, per_token)
+    assert torch.equal(ran.sort(dim=-1).values, want.sort(dim=-1).values)
+
+    routing = ReplyRouting(layers=3, experts=4, top_k=per_token, device=torch.device("cpu"), decision=decision)
+    routing.add(tuple(logits), prompt=True)
+    report = routing.report(["a", "b", "c", "d"])
+    assert report["top_k"] == per_token
+    assert sum(shares["prompt"] for shares in report["experts"].values()) == pytest.approx(per_token)
+    counts = torch.bincount(want.reshape(-1), minlength=4).double() / (3 * 5)
+    assert [report["experts"][n]["prompt"] for n in "abcd"] == pytest.approx(counts.tolist())

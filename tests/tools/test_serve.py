@@ -67,10 +67,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(out, tmp_path_factory):
+def _start_server(out: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`moemerge serve` in a process of its own, once /health answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     command = [CLI, "serve", str(out), "--port", str(port), "--device", "cpu", "--model-name", MODEL]
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=ENV)
@@ -80,11 +79,17 @@ def server(out, tmp_path_factory):
         assert process.poll() is None, log.read_text()
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
+                return process, url
         except httpx.TransportError:
             pass
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(out, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    process, url = _start_server(out, log)
     yield process, url, log
     if process.poll() is None:
         process.kill()
@@ -491,14 +496,57 @@ def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
     assert "(top-1: shares sum to 1)" in text
 
 
-def test_sigint_stops_a_running_stream_and_exits_zero(server, client):
-    """Last: shuts the module's server down."""
-    process, url, _ = server
+def test_waiting_requests_are_served_in_arrival_order(server, client):
+    """A long generation holds the slot while four short ones arrive 0.3 s apart and queue (seen on /health);
+    they are answered first come, first served."""
+    _, url, _ = server
     prompt = _long_prompt(client)
+    patient = client.with_options(timeout=600)  # the last one waits for all the others on a loaded machine
+    finished: list[int] = []
+    most_waiting = 0
+
+    def ask(number: int) -> None:
+        tokens = CONTEXT - 64 if number == 0 else 32
+        patient.completions.create(model=MODEL, prompt=prompt, max_tokens=tokens, temperature=0)
+        finished.append(number)
+
+    with ThreadPoolExecutor(5) as pool:
+        replies = []
+        for number in range(5):
+            replies.append(pool.submit(ask, number))
+            deadline = time.monotonic() + 0.3
+            while time.monotonic() < deadline:
+                most_waiting = max(most_waiting, httpx.get(f"{url}/health").json()["waiting"])
+        for reply in replies:
+            reply.result()
+    assert most_waiting >= 3, f"at most {most_waiting} requests queued: the test needs a longer first generation"
+    assert finished == [0, 1, 2, 3, 4]
+
+
+def _signal_stops_a_running_stream_and_exits_zero(process, url: str, prompt: str, sig: signal.Signals) -> None:
+    """A stream is running when `sig` arrives: its client gets the shutdown error and [DONE], the process exits 0."""
     stream, lines, _ = _open_stream(url, prompt, CONTEXT - 64)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     rest = [line for line in lines if line.startswith("data:")]
     stream.__exit__(None, None, None)
     assert rest[-1] == "data: [DONE]"
     assert "shutting down" in rest[-2]
     assert process.wait(timeout=10) == 0
+
+
+def test_sigterm_stops_a_running_stream_and_exits_zero(out, client, tmp_path):
+    """On a server of its own (the module's is shut down by the SIGINT test)."""
+    prompt = _long_prompt(client)
+    process, url = _start_server(out, tmp_path / "server.log")
+    try:
+        _signal_stops_a_running_stream_and_exits_zero(process, url, prompt, signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigint_stops_a_running_stream_and_exits_zero(server, client):
+    """Last: shuts the module's server down."""
+    process, url, _ = server
+    _signal_stops_a_running_stream_and_exits_zero(process, url, _long_prompt(client), signal.SIGINT)

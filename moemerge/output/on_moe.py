@@ -8,8 +8,9 @@ is, and its routers are refitted layer by layer, in order: layer i's router inpu
 routers of layers < i already refitted, a softmax-regression router is fitted on them (as trained gates
 are, moemerge.gates.trained) from the labelled prompts' training share, and it replaces the router only
 where its held-out routing accuracy is at least the current router's on the same inputs; so tuning never
-lowers a layer's held-out accuracy on the inputs it sees. The new routers are written over the old ones in
-the shards, in place (same names, shapes and dtype).
+lowers a layer's held-out accuracy on the inputs it sees. The new routers are returned, and the writer
+writes them over the old ones in the shards, in place (moemerge.output.writer.rewrite_tensors), recording
+the rewritten shards' digests as it wrote the others'.
 
 Cost: the whole MoE in memory (unlike the streamed merge), the labelled prompts' hidden states at one layer,
 and one forward pass through the MoE, layer by layer (a layer whose router is replaced runs twice). A
@@ -19,8 +20,6 @@ so the hidden states, like trained gates' router inputs, do not grow with the se
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats.format import OutputFormat
 from moemerge.gates.layer_stream import _PassThrough
 from moemerge.gates.router_inputs import PromptBatch, pad_ready, prompt_batches
@@ -37,7 +35,6 @@ from moemerge.gates.trained import fit_gates, labelled_sample, token_accuracy
 from moemerge.hf import load_model, load_tokenizer
 from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
-from moemerge.inputs.safetensors_header import read_header
 
 log = logging.getLogger("moemerge")
 
@@ -52,16 +49,11 @@ class TuningReport:
     replaced: list[bool]
     train_prompts: int
     holdout_prompts: int
-    shard_sha256: dict[str, str] = field(default_factory=dict)  # the rewritten shards' new digests
+    routers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # tensor name → replaced router
 
     def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _router(layer: torch.nn.Module) -> torch.nn.Module:
-    """The router module: `block_sparse_moe.gate` in transformers 4's Mixtral, `mlp.gate` elsewhere."""
-    moe = getattr(layer, "block_sparse_moe", None) or layer.mlp
-    return moe.gate
+        """The report as router_tuning.json holds it: the accuracies, not the routers."""
+        return {key: value for key, value in asdict(self).items() if key != "routers"}
 
 
 @contextmanager
@@ -102,14 +94,14 @@ def _run_layer(
 
 def tune_on_moe(
     folder: Path,
-    output: OutputFormat,
+    out_format: OutputFormat,
     sparse_layers: list[int],
     labelled: list[tuple[str, int]],
     num_experts: int,
     spec: TrainingSpec,
 ) -> TuningReport:
-    """Refit the routers of the MoE written in `folder` (config.json and shards), layer by layer, and write
-    the replaced ones back into its shards.
+    """Refit the routers of the MoE written in `folder` (config.json and shards), layer by layer; the report
+    holds the replaced ones (`routers`), for the writer to write into the shards.
 
     The labelled prompts' hidden states are kept at the current layer's input: layer i is run once on them,
     which gives its router inputs and its output; when its router is replaced it is run again, so that layer
@@ -129,7 +121,6 @@ def tune_on_moe(
     in_train = torch.isin(owners, torch.tensor(train))
     scored = torch.isin(owners, torch.tensor(held or train))
     report = TuningReport([], [], [], [], len(train), len(held))
-    replaced: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         hidden = [model.model.embed_tokens(batch.input_ids) for batch in batches]
     for layer in range(max(sparse_layers, default=-1) + 1):
@@ -137,7 +128,7 @@ def tune_on_moe(
         if layer not in sparse_layers:
             hidden = outputs
             continue
-        router = _router(model.model.layers[layer])
+        router = out_format.moe_block(model, layer).gate
         current = router.weight.detach().float()[None]
         fitted = fit_gates(features[None, in_train], token_labels[in_train], num_experts, spec)
         before = token_accuracy(current, features[None, scored], token_labels[scored], num_experts)[0][0]
@@ -146,7 +137,7 @@ def tune_on_moe(
         if better:
             with torch.no_grad():
                 router.weight.copy_(fitted[0].to(router.weight.dtype))
-            replaced[output.gate_name(layer)] = fitted[0]
+            report.routers[out_format.gate_name(layer)] = fitted[0]
             if layer != max(sparse_layers):  # later routers must see what the new router makes of this layer
                 outputs = _run_layer(model, layer, hidden, batches)[0]
         hidden = outputs
@@ -155,30 +146,4 @@ def tune_on_moe(
         report.accuracy_after.append(max(before, after))
         report.replaced.append(better)
         log.info(f"layer {layer}: routing accuracy on the MoE's own inputs {before:.3f} -> {max(before, after):.3f}")
-    del model, hidden
-    for file in rewrite_tensors(folder, replaced):
-        with file.open("rb") as handle:  # the shard's digest as recorded at write time no longer holds
-            report.shard_sha256[file.name] = hashlib.file_digest(handle, "sha256").hexdigest()
     return report
-
-
-def rewrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> list[Path]:
-    """Overwrite tensors of a safetensors folder in place, each in the dtype and shape it already has; returns
-    the files changed (their digests must be taken again)."""
-    index = folder / INDEX_NAME
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-    files = [folder / name for name in files] or sorted(folder.glob("*.safetensors"))
-    changed = []
-    for file in files:
-        infos = read_header(file)
-        mine = [name for name in tensors if name in infos]
-        if not mine:
-            continue
-        changed.append(file)
-        with file.open("r+b") as handle:
-            for name in mine:
-                info = infos[name]
-                value = tensors[name].to(info.dtype).reshape(info.shape).contiguous()
-                handle.seek(info.start)
-                handle.write(value.view(torch.uint8).numpy().tobytes())
-    return changed

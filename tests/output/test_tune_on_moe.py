@@ -7,6 +7,7 @@ transformers computes for the written MoE.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -16,6 +17,7 @@ from support.tiny_models import load_model, make_base, make_expert, read_tensors
 
 from moemerge.errors import MoemergeError
 from moemerge.output.merge import merge
+from moemerge.tools.verify import verify
 
 LETTERS = ["abcdefgh", "ijklmnop", "qrstuvwx"]
 
@@ -73,6 +75,11 @@ def test_tuning_on_the_moe_never_lowers_held_out_accuracy(tmp_path, gate_mode):
     assert a.keys() == b.keys()
     changed = [name for name in a if not torch.equal(a[name], b[name])]
     assert changed and all(name.endswith("block_sparse_moe.gate.weight") for name in changed)
+    # The digests recorded are those of the shards as they are after the routers were rewritten.
+    recorded = json.loads((tuned / "moemerge.json").read_text())["shard_sha256"]
+    assert recorded == {
+        shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in tuned.glob("*.safetensors")
+    }
 
 
 def test_tuning_needs_labelled_prompts(tmp_path):
@@ -126,3 +133,26 @@ def test_tuning_refuses_an_expert_it_has_no_prompt_of(tmp_path):
     with pytest.raises(MoemergeError, match=r"training.tune_on_moe: experts\[2\] \(contrarian\) has no positive"):
         merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refitted_router_as_accurate_as_the_current_one_replaces_it(tmp_path):
+    """A router is replaced when the refitted one's held-out accuracy is at least as high. Trained gates route
+    layer 0 perfectly (its router inputs are the base's), and so does the refit: a tie, which replaces it. The
+    tuned output, whose shard was rewritten after its digest was first taken, passes `moemerge verify`."""
+    base = make_base(tmp_path / "base", initializer_range=0.02)
+    rows = ["prompt,expert"] + [f"{text},{e}" for e in range(len(LETTERS)) for text in prompts(e, 10, seed=1)]
+    (tmp_path / "labelled.csv").write_text("\n".join(rows) + "\n")
+    experts = [
+        {"source_model": str(make_expert(base, tmp_path / f"e{i}", seed=i + 1, scale=0.3)), "positive_prompts": []}
+        for i in range(len(LETTERS))
+    ]
+    training = {"tune_on_moe": True, "steps": 200, "lr": 0.05}
+    dataset = str(tmp_path / "labelled.csv")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", base, experts, gate_mode="trained", dataset_csv=dataset, training=training
+    )
+    out = merge(recipe, tmp_path / "out").out
+    report = json.loads((out / "router_tuning.json").read_text())
+    assert report["accuracy_before"][0] == report["accuracy_after"][0] == 1.0, report  # the tie this test needs
+    assert report["replaced"][0] is True
+    assert verify(out, deep=True) > 0
