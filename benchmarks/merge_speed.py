@@ -48,6 +48,8 @@ Usage (from the repository root, with the project's venv):
     python benchmarks/merge_speed.py --combine /tmp/bench-1b-random.json /tmp/bench-1b-hidden.json
     python benchmarks/merge_speed.py --size 1b --gates random,hidden --methods moemerge,baseline --baseline /work/main
     python benchmarks/merge_speed.py --size smollm2 --gates trained --labelled 360 --methods moemerge
+    python benchmarks/merge_speed.py --combine benchmarks/results/merge_speed-hidden-flat.json \
+        --figure docs/figures/merge_speed-by-size.png    # a figure from earlier JSON: nothing is run
 """
 
 from __future__ import annotations
@@ -687,6 +689,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the summary table here")
     parser.add_argument("--keep-outputs", action="store_true", help="leave the last outputs under WORKDIR/out")
     parser.add_argument("--combine", type=Path, nargs="+", help="only report: join the runs of earlier --json files")
+    parser.add_argument("--figure", type=Path, help="write the summary as a PNG here (with --combine: nothing is run)")
     args = parser.parse_args(argv)
     args.gates = [g for g in args.gates.split(",") if g]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -733,11 +736,34 @@ def report_markdown(rows: list[dict[str, object]], ratios: list[dict[str, object
     return "\n\n".join([table, *lines])
 
 
+def figure(rows: list[dict[str, object]], caption: str) -> bytes:
+    """Median wall time and peak tree RSS per size and gate mode, one bar per method (moemerge, mergekit-moe,
+    copy, baseline): the summary table's rows as a picture."""
+    from moemerge import plots  # matplotlib: only when a figure is asked for
+
+    groups = list(dict.fromkeys(f"{row['size']} {row['gates']}" for row in rows))
+    methods = list(dict.fromkeys(str(row["method"]) for row in rows))
+    by = {(f"{row['size']} {row['gates']}", row["method"]): row for row in rows}
+
+    def series(key: str) -> dict[str, list[float | None]]:
+        return {m: [by[g, m][key] if (g, m) in by else None for g in groups] for m in methods}  # type: ignore[misc]
+
+    charts = {
+        "median wall time (s)": series("median_wall_s"),
+        "peak RSS, process tree (GiB)": series("peak_tree_rss_gib"),
+    }
+    return plots.grouped_bars(groups, charts, caption)
+
+
 def print_report(
-    records: list[RunRecord], json_path: Path | None, extra: dict[str, object], markdown_path: Path | None = None
+    records: list[RunRecord],
+    json_path: Path | None,
+    extra: dict[str, object],
+    markdown_path: Path | None = None,
+    figure_path: Path | None = None,
 ) -> None:
-    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path` and the table with
-    the pair ratios to `markdown_path` if given."""
+    """The markdown table and the pair ratios on stdout; everything as JSON to `json_path`, the table with the
+    pair ratios to `markdown_path` and its figure to `figure_path` if given."""
     rows = summarize(records)
     ratios = pair_ratios(records)
     revisions = sorted({r.revision for r in records if r.method == "baseline"})
@@ -748,6 +774,10 @@ def print_report(
     if json_path:
         report = {**extra, "summary": rows, "pair_ratios": ratios, "runs": [asdict(r) for r in records]}
         json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if figure_path:
+        runs_of = ", ".join(Path(p).name for p in extra.get("combined", []))  # type: ignore[union-attr]
+        caption = f"merge speed and memory, {extra.get('date') or runs_of}"
+        figure_path.write_bytes(figure(rows, caption))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -758,6 +788,7 @@ def main(argv: list[str] | None = None) -> None:
             args.json,
             {"combined": [str(p) for p in args.combine]},
             args.markdown,
+            args.figure,
         )
         return
     tools = {"moemerge": find_moemerge(args.moemerge)}
@@ -795,7 +826,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     extra["command"] = [sys.executable, *sys.argv]
-    print_report(records, args.json, extra, args.markdown)
+    print_report(records, args.json, extra, args.markdown, args.figure)
 
 
 if __name__ == "__main__":

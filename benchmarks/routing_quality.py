@@ -9,6 +9,8 @@ gates once (they need ~9 GB and minutes). Writes the JSON of every run and the m
 
     python benchmarks/routing_quality.py --json routing.json --markdown routing.md
     python benchmarks/routing_quality.py --methods hidden --gate-scales 1,3,10,30,100 --runs 5
+    python benchmarks/routing_quality.py --plot-only --json docs/results/routing_quality.json \
+        --figure docs/figures/routing_quality.png     # the figure from an earlier run's JSON, nothing run
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from build_base import build_base  # noqa: E402
 from domains import DOMAINS, domain_texts, short_prompts  # noqa: E402
 
-from moemerge import MergeOptions, merge  # noqa: E402
+from moemerge import MergeOptions, merge, plots  # noqa: E402
 from moemerge.gates import hidden as hidden_gates  # noqa: E402
 from moemerge.inputs.gate_modes import GATE_MODE_SPECS, Needs  # noqa: E402
 from moemerge.inputs.lora import LoraAdapter  # noqa: E402
@@ -233,6 +235,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure(rows: list[dict], domains: list[str], caption: str) -> bytes:
+    """Routing accuracy per domain and mean perplexity against the oracle, per method (means over runs)."""
+    names = [
+        row["method"].replace("moemerge ", "").replace("`", "").replace(" (each expert on its domain)", "")
+        for row in rows
+    ]
+    accuracy = {d: [row["accuracy"][i] if row["accuracy"] else None for row in rows] for i, d in enumerate(domains)}
+    excess = {"mean": [sum(row["vs_oracle"]) / len(row["vs_oracle"]) for row in rows]}
+    charts = {"routing accuracy (top-1 = domain)": accuracy, "mean perplexity vs oracle (%)": excess}
+    return plots.grouped_bars(names, charts, caption)
+
+
 def machine() -> str:
     """CPU model, cores and Python, in one line."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -251,7 +265,15 @@ def main() -> None:
     parser.add_argument("--mergekit", default="mergekit-moe", help="mergekit-moe 0.1.5, in its own venv")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--figure", type=Path, default=None, help="PNG of the table's rows")
+    parser.add_argument("--plot-only", action="store_true", help="only draw --figure from an earlier --json")
     args = parser.parse_args()
+    if args.plot_only:
+        if not (args.json and args.figure):
+            parser.error("--plot-only reads --json and writes --figure")
+        report = json.loads(args.json.read_text())
+        write_figure(args.figure, report["rows"], report["domains"], report["invocation"], report["date"])
+        return
     chosen = [m for m in args.methods.split(",") if m]
     if unknown := set(chosen) - set(METHODS):
         parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
@@ -304,6 +326,14 @@ def write(args: argparse.Namespace, oracle: list[float], rows: list[dict], runs:
         args.json.write_text(json.dumps({**result, "oracle": oracle, "rows": rows, "runs": runs}, indent=2) + "\n")
     if args.markdown:
         args.markdown.write_text(f"`{invocation}` — {date}, {machine()}\n\n{table(rows)}\n")
+    if args.figure:
+        write_figure(args.figure, rows, DOMAINS, invocation, date)
+
+
+def write_figure(path: Path, rows: list[dict], domains: list[str], invocation: str, date: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure(rows, domains, f"routing quality on SmolLM2-135M + 3 LoRA experts, {date}"))
+    print(f"wrote {path} (from `{invocation}`)")
 
 
 if __name__ == "__main__":

@@ -287,6 +287,47 @@ def eval_command(
         json_path.write_text(json.dumps(result.as_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Argument(help="A merged output folder.")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="Texts to show.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="More texts, one per line (or JSONL).")] = None,
+    dataset: Annotated[
+        Path | None, typer.Option("--dataset", help="A labelled CSV (prompt,expert) instead of texts.")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    ppl: Annotated[
+        bool, typer.Option("--ppl", help="With --dataset: perplexity under token and request routing.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    request_top_k: Annotated[int, typer.Option(help="Experts in each text's request-level decision.")] = 1,
+) -> None:
+    """Write one self-contained HTML page: tokens coloured by expert, per-layer heatmaps, and for a labelled set
+    accuracy per layer and a label × expert matrix; opens from disk, fetches nothing."""
+    from moemerge.tools.report import build_report, write_page  # matplotlib only for this command
+
+    if dataset is not None and (prompts or file is not None):
+        raise MoemergeError("give texts (arguments or --file) or --dataset, not both")
+    if ppl and dataset is None:
+        raise MoemergeError("--ppl needs --dataset: perplexity is measured per labelled expert")
+    for read, option in ((file, "--file"), (dataset, "--dataset")):
+        if read is not None and not read.is_file():
+            raise MoemergeError(f"{option} {read}: not found")
+        if read is not None and read.resolve() == output.resolve():
+            raise MoemergeError(f"--output {output} is the {option} file; write the report elsewhere")
+    if not output.parent.is_dir():
+        raise MoemergeError(f"--output {output}: folder {output.parent} does not exist")
+    texts = list(prompts or []) + (read_prompt_file(file, "--file") if file is not None else [])
+    if dataset is None and not texts:
+        raise MoemergeError("give texts to show, --file texts.txt or --dataset labelled.csv")
+    model, tokenizer, names = load_moe(out, resolve_device(device))
+    RequestRouting("request", request_top_k).checked(names)
+    labelled = read_dataset_csv(dataset, names) if dataset is not None else None
+    page = build_report(out, model, tokenizer, names, texts, labelled, ppl, request_top_k)
+    write_page(page, output)
+    err.print(f"[green]wrote[/green] {output} ({len(page.encode()) / 1e6:.1f} MB)", highlight=False)
+
+
 @app.command("verify")
 def verify_command(
     out: Annotated[Path, typer.Argument(help="A merged output folder.")],

@@ -22,6 +22,9 @@ MANIFEST = "moemerge.json"  # what the merge recorded: sources, expert names, sh
 DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 MODEL_CARD = "README.md"
 GENERATED_TEXTS = "generated_texts.jsonl"  # gate_mode generated: the labelled texts the experts wrote
+RECIPE_COPY = "moemerge_recipe.yaml"  # the recipe as given
+TRAINING_REPORT = "gate_training.json"  # trained gates' accuracy
+ROUTING_PICTURE = "routing.png"  # where the routers send the prompts, per layer
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER = "tokenizer.json"
 # What the output copies from the base besides weights: tokenizer, chat template, generation config.

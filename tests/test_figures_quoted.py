@@ -69,6 +69,8 @@ def _remade(table: Path) -> str:
             *data["notes"],
         ]
         return _script("expert_policies").markdown(data["rows"], preamble)
+    if table.stem == "report_speed":
+        return _script("report_speed").markdown(data)
     raise AssertionError(f"{table.name}: no script known to write it; add it to _remade")
 
 
@@ -114,3 +116,24 @@ def test_every_table_of_figures_was_written_by_a_script(page):
     written = _script_tables()
     for block in filter(_has_figures, _table_blocks(page.read_text(encoding="utf-8"))):
         assert any(block in table for table in written), f"{page.name}: a table no script wrote:\n{block[:300]}"
+
+
+def test_each_figure_is_shown_and_drawn_by_the_command_the_docs_quote(tmp_path):
+    """Every PNG in docs/figures/ is shown in the docs and comes from a quoted script command that reads the
+    benchmark's JSON only (nothing is run again); run here into a temporary folder, each writes a PNG."""
+    import subprocess
+
+    from PIL import Image
+
+    docs = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    commands = dict(re.findall(r"`python (benchmarks/\S+\.py [^`]*--figure (docs/figures/\S+\.png))`", docs))
+    figures = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs" / "figures").glob("*.png"))
+    assert figures and sorted(commands.values()) == figures
+    for command, figure in commands.items():
+        assert f"]({figure.removeprefix('docs/')})" in docs, f"{figure} is not shown"
+        target = tmp_path / Path(figure).name
+        args = command.replace(figure, str(target)).split()
+        run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        with Image.open(target) as made, Image.open(ROOT / figure) as shipped:
+            assert made.format == "PNG" and made.width > 300 and shipped.format == "PNG"

@@ -77,3 +77,36 @@ def test_readme_demo_table_is_what_the_demo_prints(demo):
         shares = route(model, tokenizer, question).shares()
         printed = [f"{s:.2f}" for s in shares.tolist()] + [list(QUESTIONS)[int(shares.argmax())]]
         assert shown[domain] == printed, (domain, shown[domain], printed)
+
+
+def test_report_of_the_demo_renders_in_chromium(demo, tmp_path):
+    """The report page of held-out domain texts, opened in headless Chromium: no console errors, nothing
+    fetched, the heatmap shown, every expert's colour on screen."""
+    import matplotlib
+    import numpy
+    from domains import domain_texts
+    from PIL import Image
+    from support.browser import opened
+
+    from moemerge.tools.report import build_report, write_page
+
+    model, tokenizer, names = load_moe(demo / "out", torch.device("cpu"))
+    labelled = [(text, names.index(d)) for d in QUESTIONS for text in domain_texts(d, "heldout", 3, chars=400)]
+    page_file = tmp_path / "demo.html"
+    write_page(build_report(demo / "out", model, tokenizer, names, [], labelled, with_perplexity=True), page_file)
+    with opened(page_file, tmp_path / "profile") as rendered:
+        page = rendered.page
+        heatmap = page.eval_on_selector("img.heatmap", "i => i.complete && i.naturalWidth")
+        striped = page.eval_on_selector_all(
+            "#texts .tokens span", "s => s.filter(e => getComputedStyle(e).backgroundImage.includes('gradient')).length"
+        )
+        rows = page.eval_on_selector_all("#labelled table tr", "rows => rows.length")
+        page.screenshot(path=tmp_path / "demo.png", full_page=True)
+        console, requests = rendered.console, rendered.requests
+    assert console == [] and all(url.startswith(("file:", "data:")) for url in requests), (console, requests)
+    assert heatmap > 200 and striped > 100 * len(labelled) and rows == 1 + len(names)
+    pixels = numpy.asarray(Image.open(tmp_path / "demo.png").convert("RGB")).reshape(-1, 3).astype(int)
+    for expert in range(len(names)):
+        tab10 = numpy.array(matplotlib.colormaps["tab10"](expert)[:3]) * 255
+        pastel = numpy.round(tab10 + (255 - tab10) * 0.55)
+        assert (numpy.abs(pixels - pastel).max(axis=1) <= 2).any(), f"no token in {names[expert]}'s colour"

@@ -154,6 +154,20 @@ def _generated(recipe: Recipe, names: list[str], rows: list[dict] | None) -> str
     return "\n".join(lines) + "\n\n"
 
 
+def _picture(picture: dict[str, Any] | None) -> str:
+    """The routing picture under the routing section, or why there is none (moemerge.json's routing_picture)."""
+    if picture is None:
+        return ""
+    if not picture.get("file"):
+        return f"\n\nThere is nothing to picture: {picture.get('reason') or 'no routing picture was drawn'}."
+    return (
+        f"\n\n![Per layer, the share of tokens whose first-choice expert is each expert]({picture['file']})\n\n"
+        f"Where the routers send {picture['prompts']} ({picture['texts']} texts): per layer (rows) the share of "
+        "tokens whose highest router logit is each expert (columns), with the routers applied to the base's "
+        "router inputs (in the MoE, later layers drift from this; `moemerge report` shows the MoE's own routing)."
+    )
+
+
 def _caveat(stats: dict[str, Any]) -> str:
     return f" Note: {stats['caveat']}." if stats.get("caveat") else ""
 
@@ -174,6 +188,7 @@ def model_card(
     training: dict[str, Any] | None = None,
     repo_id: str | None = None,
     generated: list[dict] | None = None,
+    picture: dict[str, Any] | None = None,
 ) -> str:
     """Markdown with a YAML header.
 
@@ -182,7 +197,8 @@ def model_card(
     `active_params` and optionally `caveat` (what a consumer does differently, see OutputFormat.caveat),
     `dtype`; `sources` is moemerge.json's record of what each recipe key resolved to; `training` is
     gate_training.json for trained gates; `repo_id` is the Hub repo the output is pushed to, if known;
-    `generated` the labelled texts the experts wrote for generated gates.
+    `generated` the labelled texts the experts wrote for generated gates; `picture` is moemerge.json's
+    routing_picture.
     """
     sources = sources or {}
     names = recipe.expert_names()
@@ -241,7 +257,7 @@ Each expert's router row points at what its positive prompts have in common (min
 
 {_generated(recipe, names, generated)}## Routing
 
-{_routing(recipe, names, training, model_ref)}
+{_routing(recipe, names, training, model_ref)}{_picture(picture)}
 
 ## Usage
 

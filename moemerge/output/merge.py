@@ -27,6 +27,7 @@ from moemerge.output.open_inputs import Inputs, open_inputs, output_dtype
 from moemerge.output.options import MergeOptions
 from moemerge.output.plan import build_plan, check_plan, parameter_counts
 from moemerge.output.records import Made, write_records
+from moemerge.output.routing_picture import draw_routing_picture
 from moemerge.output.side_files import copy_side_files
 from moemerge.output.staging import check_output, output_folder, staged_output
 from moemerge.output.writer import PlannedTensor, rewrite_tensors, write_json, write_shards
@@ -165,11 +166,13 @@ def merge(
         gates = pending.result()
         write_json(partial / CONFIG, config)
         copy_side_files(base.path, partial)
+        sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
         if recipe.training.tune_on_moe:
-            sparse = [layer for layer in range(shape.num_layers) if layer not in layout.dense_layers]
             tuned = tune_on_moe(partial, out_format, sparse, tuning_prompts, len(experts), recipe.training)
             write_json(partial / TUNING_REPORT, tuned.as_dict())
             digests |= rewrite_tensors(partial, tuned.routers)
+        gate_names = {layer: out_format.gate_name(layer) for layer in sparse}
+        picture = draw_routing_picture(partial, context, gate_names)  # after tuning: final routers
         total, active = parameter_counts(plan, out_format, shape.num_layers, len(experts), recipe.experts_per_token)
         recipe_text = recipe_path.read_text(encoding="utf-8")
         made = Made(
@@ -185,6 +188,7 @@ def merge(
             total,
             active,
             gates.written,
+            picture,
         )
         write_records(partial, out.name, made)
         check_structure(partial)

@@ -10,16 +10,14 @@ from typing import Any
 
 import torch
 
-from moemerge.files import DIGESTS, GENERATED_TEXTS, MANIFEST, MODEL_CARD
+from moemerge.files import DIGESTS, GENERATED_TEXTS, MANIFEST, MODEL_CARD, RECIPE_COPY, TRAINING_REPORT
 from moemerge.gates.trained import TrainingReport
 from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
 from moemerge.output.open_inputs import Inputs
 from moemerge.output.options import MergeOptions
+from moemerge.output.routing_picture import PictureRecord
 from moemerge.output.writer import write_json
-
-RECIPE_COPY = "moemerge_recipe.yaml"
-TRAINING_REPORT = "gate_training.json"
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,7 @@ class Made:
     total_params: int
     active_params: int
     generated: list[dict] | None = None  # the labelled texts the experts wrote (gate_mode generated)
+    picture: PictureRecord | None = None  # routing.png, or why there is none
 
 
 def write_records(partial: Path, name: str, made: Made) -> None:
@@ -63,7 +62,8 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "dropped_tokens": inputs.dropped_tokens,
             **written,
             DIGESTS: made.digests,  # checked by `moemerge verify`
-        },
+        }
+        | ({"routing_picture": made.picture.as_dict()} if made.picture is not None else {}),
     )
     training = made.training.as_dict() if made.training is not None else None
     if training is not None:
@@ -83,5 +83,6 @@ def write_records(partial: Path, name: str, made: Made) -> None:
         training,
         made.options.hub_repo_id,
         made.generated,
+        made.picture.as_dict() if made.picture is not None else None,
     )
     (partial / MODEL_CARD).write_text(card, encoding="utf-8")

@@ -4,6 +4,7 @@ per request (one decision per text, see moemerge/tools/request_routing.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 
 from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import decide, restricted
-from moemerge.tools.routing import next_token_losses, route, tokenize
+from moemerge.tools.routing import Routing, next_token_losses, route, tokenize
 
 DECIDE_TOKENS = 32  # request perplexity: decided from the text's first tokens (BOS included), scored on the rest
 
@@ -58,9 +59,11 @@ def evaluate(
     request_top_k: int = 1,
     decide_tokens: int = DECIDE_TOKENS,
     request_mixing: str = "router",
+    on_routing: Callable[[int, Routing], None] | None = None,
 ) -> EvalResult:
     """A token counts as routed correctly in a layer when its highest router logit is its prompt's expert; a
-    text, when its request decision's first expert is its label."""
+    text, when its request decision's first expert is its label. `on_routing(i, routing)` hears each text's
+    routing as it is computed (the report draws from them without routing the texts again)."""
     routing_layers = moe_layers(model).routing
     experts, layers = len(names), len(routing_layers)
     correct = torch.zeros(experts, layers)
@@ -69,8 +72,10 @@ def evaluate(
     requests_right = [0] * experts
     nll, predicted = torch.zeros(experts), torch.zeros(experts)
     request_nll, token_nll, scored = torch.zeros(experts), torch.zeros(experts), torch.zeros(experts)
-    for text, label in labelled:
+    for index, (text, label) in enumerate(labelled):
         routing = route(model, tokenizer, text)
+        if on_routing is not None:
+            on_routing(index, routing)
         count = routing.logits.shape[1]
         correct[label] += routing.top1_accuracy(label) * count
         tokens[label] += count

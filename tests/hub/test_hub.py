@@ -285,6 +285,7 @@ def test_push_uploads_the_output_to_a_new_private_repo(world, merged):
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     remote = {k: v for k, v in hub.files("org/merged").items() if k != ".gitattributes"}
     assert remote == local
+    assert "routing.png" in remote, "the card's picture goes to the Hub with the model"
     assert "pushed" in merged["run"].stderr and "org/merged" in merged["run"].stderr
 
 
