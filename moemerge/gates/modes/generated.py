@@ -19,7 +19,7 @@ WITH_PROMPT = True
 
 
 def settings(ctx: GateContext) -> GenerateSpec:
-    """The recipe's generate block, its seed defaulting to the merge's --seed."""
+    """The recipe's generate block, its seed defaulting to the merge's seed option."""
     spec = ctx.recipe.generate
     return spec if spec.seed is not None else spec.model_copy(update={"seed": ctx.seed})
 
