@@ -19,7 +19,6 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_INDEXES = (SAFETENSORS_INDEX, PICKLE_INDEX)  # in the order transformers prefers them
 ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "moemerge.json"  # what the merge recorded: sources, expert names, shard digests
-DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 MODEL_CARD = "README.md"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER = "tokenizer.json"

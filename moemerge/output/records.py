@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from moemerge.files import DIGESTS, MANIFEST, MODEL_CARD
+from moemerge.digests import manifest_entry
+from moemerge.files import MANIFEST, MODEL_CARD
 from moemerge.gates.trained import TrainingReport
 from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
@@ -30,7 +31,7 @@ class Made:
     options: MergeOptions
     inputs: Inputs
     sources: dict[str, Any]  # recipe key → what it resolved to (HubFetcher.sources)
-    digests: dict[str, str]  # shard → sha256, as written
+    digests: dict[str, str]  # shard → digest (moemerge.digests), as written
     training: TrainingReport | None
     caveat: str | None
     dtype: torch.dtype
@@ -53,8 +54,8 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "sources": made.sources,
             "architecture": inputs.out_format.name,
             "dropped_tokens": inputs.dropped_tokens,
-            DIGESTS: made.digests,  # checked by `moemerge verify`
-        },
+        }
+        | manifest_entry(made.digests),  # checked by `moemerge verify`
     )
     training = made.training.as_dict() if made.training is not None else None
     if training is not None:
