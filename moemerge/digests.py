@@ -1,7 +1,8 @@
 """Shard digests: one hash per shard, recorded in moemerge.json as the shard is written and checked by
 `moemerge verify`. They guard against flipped bits and truncated copies, not against an attacker (the Hub's
-LFS sha256 covers uploads), so new outputs use xxh3-128, which hashes ~10x faster than sha256 and so hides
-behind the writing; the manifest names the algorithm, and outputs recorded with sha256 still verify."""
+LFS sha256 covers uploads), so new outputs use xxh3-128, ~17x faster than sha256 (22 vs 1.3 GB/s on one
+core), which hides behind the writing; the manifest names the algorithm, and outputs recorded with sha256
+still verify."""
 
 from __future__ import annotations
 
