@@ -1,7 +1,7 @@
 """What the GPU machine lacks for gpu_check.py, packed here so it can travel there.
 
 That machine has no network, its Python (3.12, with torch and transformers) lacks pydantic, fastapi,
-uvicorn and gguf, and a call carries at most 64 MiB in all, the tracked files (about 25 MiB) included: less
+uvicorn, gguf and xxhash, and a call carries at most 64 MiB in all, the tracked files (about 25 MiB) included: less
 than the 94 MiB SmolLM2 GGUF the demo's base is built from. So this splits the GGUF in three pieces,
 `.gpu_carry/1` to `.gpu_carry/3` (31 MiB each), and puts the wheels, downloaded with pip for CPython 3.12 on
 x86-64 at the versions this venv runs, beside the last:
@@ -44,6 +44,7 @@ PACKAGES = (
     "starlette",
     "uvicorn",
     "gguf",
+    "xxhash",  # the shard digests (moemerge.digests)
 )
 PIECES = 3
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_28_x86_64")

@@ -19,7 +19,6 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_INDEXES = (SAFETENSORS_INDEX, PICKLE_INDEX)  # in the order transformers prefers them
 ADAPTER_CONFIG = "adapter_config.json"
 MANIFEST = "moemerge.json"  # what the merge recorded: sources, expert names, shard digests
-DIGESTS = "shard_sha256"  # the manifest's key: each shard's sha256, recorded as it was written
 MODEL_CARD = "README.md"
 GENERATED_TEXTS = "generated_texts.jsonl"  # gate_mode generated: the labelled texts the experts wrote
 RECIPE_COPY = "moemerge_recipe.yaml"  # the recipe as given

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from moemerge.files import DIGESTS, GENERATED_TEXTS, MANIFEST, MODEL_CARD, RECIPE_COPY, TRAINING_REPORT
+from moemerge.digests import manifest_entry
+from moemerge.files import GENERATED_TEXTS, MANIFEST, MODEL_CARD, RECIPE_COPY, TRAINING_REPORT
 from moemerge.gates.trained import TrainingReport
 from moemerge.inputs.recipe import Recipe
 from moemerge.output.card import base_license, model_card
@@ -29,7 +30,7 @@ class Made:
     options: MergeOptions
     inputs: Inputs
     sources: dict[str, Any]  # recipe key → what it resolved to (HubFetcher.sources)
-    digests: dict[str, str]  # shard → sha256, as written
+    digests: dict[str, str]  # shard → digest (moemerge.digests), as written
     training: TrainingReport | None
     caveat: str | None
     dtype: torch.dtype
@@ -61,8 +62,8 @@ def write_records(partial: Path, name: str, made: Made) -> None:
             "architecture": inputs.out_format.name,
             "dropped_tokens": inputs.dropped_tokens,
             **written,
-            DIGESTS: made.digests,  # checked by `moemerge verify`
         }
+        | manifest_entry(made.digests)  # checked by `moemerge verify`
         | ({"routing_picture": made.picture.as_dict()} if made.picture is not None else {}),
     )
     training = made.training.as_dict() if made.training is not None else None

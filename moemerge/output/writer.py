@@ -7,7 +7,6 @@ held at all: the kernel copies its file range into the shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -15,17 +14,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import torch
 
+from moemerge.digests import Hasher, file_digest, new_hasher
 from moemerge.errors import MoemergeError
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.inputs.safetensors_header import DTYPE_NAMES, TensorInfo, read_header
 from moemerge.output.filecopy import Writeback, copy_range, truncated
-
-if TYPE_CHECKING:
-    from hashlib import _Hash as Hash
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ def _overflow(tensor: PlannedTensor, value: torch.Tensor) -> MoemergeError:
     )
 
 
-def _check_verbatim(tensor: PlannedTensor, info: TensorInfo, digest: Hash) -> TensorInfo:
+def _check_verbatim(tensor: PlannedTensor, info: TensorInfo, digest: Hasher) -> TensorInfo:
     """Check and hash a file range that will be copied as it is, through a private map of the file: the
     values are read from the page cache in place (the copy itself never passes through Python), and only
     the pages of this one tensor are mapped at a time."""
@@ -127,7 +124,7 @@ def _check_verbatim(tensor: PlannedTensor, info: TensorInfo, digest: Hash) -> Te
     return info
 
 
-def _checked(tensor: PlannedTensor, digest: Hash) -> torch.Tensor | TensorInfo:
+def _checked(tensor: PlannedTensor, digest: Hasher) -> torch.Tensor | TensorInfo:
     """Make one tensor, check it is what the plan promised, and finite, and add its bytes to its shard's
     digest; a verbatim tensor is only checked and hashed, and its file range returned for copying."""
     if tensor.verbatim is not None:
@@ -161,7 +158,7 @@ def _result(future: Future[torch.Tensor | TensorInfo]) -> torch.Tensor | TensorI
             continue
 
 
-def _prefetched(jobs: list[tuple[PlannedTensor, Hash]]) -> Iterator[torch.Tensor | TensorInfo]:
+def _prefetched(jobs: list[tuple[PlannedTensor, Hasher]]) -> Iterator[torch.Tensor | TensorInfo]:
     """Tensors in order, each made (or checked) and hashed on a helper thread while the previous one is
     written: reading, converting, checking and hashing overlap with writing (all release the GIL), at most
     two tensors are in memory, and one thread hashes every tensor in write order."""
@@ -197,10 +194,11 @@ def write_shards(
     plan: list[PlannedTensor], folder: Path, shard_size: int, on_tensor: Callable[[int], None] | None = None
 ) -> tuple[dict[str, object], dict[str, str]]:
     """Write every planned tensor into shards in `folder`, fsync each, and write the index; returns it and
-    each shard's sha256, computed from the bytes as they are written (the output is never read back)."""
+    each shard's digest (moemerge.digests), computed from the bytes where they already are in memory or in the
+    page cache as they are written (the output is never read back)."""
     shards = assign_shards(plan, shard_size)
     headers = [_header(tensors) for tensors in shards]
-    digests = [hashlib.sha256(header) for header in headers]
+    digests = [new_hasher(header) for header in headers]
     weight_map: dict[str, str] = {}
     values = _prefetched([(tensor, digest) for digest, shard in zip(digests, shards, strict=True) for tensor in shard])
     for number, tensors in enumerate(shards, start=1):
@@ -231,7 +229,7 @@ def write_shards(
 
 def rewrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Overwrite tensors of the shards written in `folder`, in place, each in the dtype and shape it already
-    has; returns the sha256 of each shard changed, which replaces the one recorded when it was first written.
+    has; returns the digest of each shard changed, which replaces the one recorded when it was first written.
     """
     weight_map: dict[str, str] = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
     digests = {}
@@ -245,8 +243,7 @@ def rewrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str,
                 handle.write(_bytes(tensors[tensor].to(info.dtype).reshape(info.shape).contiguous()))
             handle.flush()
             os.fsync(handle.fileno())
-            handle.seek(0)
-            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
+        digests[name] = file_digest(file)
     return digests
 
 

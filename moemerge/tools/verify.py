@@ -7,13 +7,13 @@ shards' digests with those recorded, and loads the model.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
+from moemerge.digests import file_digest, recorded_digests
 from moemerge.errors import MoemergeError
-from moemerge.files import CONFIG, DIGESTS, MANIFEST
+from moemerge.files import CONFIG, MANIFEST
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
 from moemerge.formats import format_of_config
 from moemerge.formats.structure import check_structure, read_output_json
@@ -23,22 +23,23 @@ from moemerge.inputs.sources import TensorStore
 
 
 def check_digests(out: Path, tensors: dict[str, TensorInfo]) -> None:
-    """Each shard's bytes are those written: a flipped bit in a finite value passes every other check. An
-    output without recorded digests (written by an older moemerge) has nothing to compare with."""
+    """Each shard's bytes are those written: a flipped bit in a finite value passes every other check. The
+    manifest names the algorithm (xxh3_128 now, sha256 before); an output without recorded digests (written
+    by an older moemerge still) has nothing to compare with."""
     manifest = read_output_json(out / MANIFEST) if (out / MANIFEST).is_file() else {}
-    recorded = manifest.get(DIGESTS) if isinstance(manifest, dict) else None
+    recorded = recorded_digests(manifest, str(out / MANIFEST)) if isinstance(manifest, dict) else None
     if recorded is None:
         return
+    algorithm, digests = recorded
     shards = sorted({info.file.name for info in tensors.values()})
-    if not isinstance(recorded, dict) or sorted(recorded) != shards:
-        raise MoemergeError(f"{out / MANIFEST}: {DIGESTS} does not list the shards of {INDEX_NAME}")
+    if not isinstance(digests, dict) or sorted(digests) != shards:
+        raise MoemergeError(f"{out / MANIFEST}: the shard digests do not list the shards of {INDEX_NAME}")
     for shard in shards:
-        with (out / shard).open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        if digest != recorded[shard]:
+        digest = file_digest(out / shard, algorithm)
+        if digest != digests[shard]:
             raise MoemergeError(
-                f"{out / shard}: sha256 {digest[:16]}… is not the {str(recorded[shard])[:16]}… recorded when it was "
-                "written; the file has changed since (re-download or re-merge it)"
+                f"{out / shard}: {algorithm} {digest[:16]}… is not the {str(digests[shard])[:16]}… recorded when it "
+                "was written; the file has changed since (re-download or re-merge it)"
             )
 
 

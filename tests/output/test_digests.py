@@ -1,6 +1,7 @@
-"""Shard digests: each shard's sha256 is recorded in moemerge.json as it is written, equals the sha256 of
-the file on disk (computed here with hashlib, independently of the writer), and `moemerge verify` fails on a
-single flipped bit that leaves every value finite, naming the shard."""
+"""Shard digests: each shard's xxh3-128 is recorded in moemerge.json as it is written, equals the xxh3-128
+of the file on disk (computed here with xxhash, independently of the writer), and `moemerge verify` fails on
+a single flipped bit that leaves every value finite, naming the shard, whichever algorithm the manifest
+names: an output recorded with sha256 by an older moemerge still verifies, and its flipped bits are caught."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import xxhash
 from support.hostile import assert_refused, run_cli
 from support.tiny_models import make_base, make_expert, make_lora, write_recipe
 
@@ -28,24 +30,61 @@ def merged(tmp_path_factory) -> Path:
     return root / "out"
 
 
-def test_recorded_digests_are_the_files_sha256(merged):
-    recorded = json.loads((merged / "moemerge.json").read_text())["shard_sha256"]
-    shards = sorted(p.name for p in merged.glob("*.safetensors"))
-    assert len(shards) > 2 and sorted(recorded) == shards
-    for shard in shards:
-        assert recorded[shard] == hashlib.sha256((merged / shard).read_bytes()).hexdigest(), shard
+def shards_of(out: Path) -> list[Path]:
+    return sorted(out.glob("*.safetensors"))
 
 
-def test_verify_fails_on_a_finite_bit_flip_naming_the_shard(merged, tmp_path):
-    out = shutil.copytree(merged, tmp_path / "out")
-    shard = sorted(out.glob("*.safetensors"))[1]
+def as_older_moemerge_wrote_it(merged: Path, tmp_path: Path) -> Path:
+    """A copy whose manifest records sha256 under the key moemerge used before xxh3 (hashed here with hashlib)."""
+    out = shutil.copytree(merged, tmp_path / "old")
+    manifest = json.loads((out / "moemerge.json").read_text())
+    del manifest["shard_digests"]
+    manifest["shard_sha256"] = {shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in shards_of(out)}
+    (out / "moemerge.json").write_text(json.dumps(manifest))
+    return out
+
+
+def flip_a_finite_bit(out: Path) -> Path:
+    shard = shards_of(out)[1]
     raw = bytearray(shard.read_bytes())
     header = int.from_bytes(raw[:8], "little")
     raw[8 + header] ^= 0x01  # lowest mantissa bit of the first float32 value (little-endian): still finite
     shard.write_bytes(bytes(raw))
-    assert_refused(run_cli("verify", out), shard.name, "sha256", "recorded when it was written")
+    return shard
+
+
+def test_recorded_digests_are_the_files_xxh3_128(merged):
+    recorded = json.loads((merged / "moemerge.json").read_text())["shard_digests"]
+    assert recorded["algorithm"] == "xxh3_128"
+    shards = [p.name for p in shards_of(merged)]
+    assert len(shards) > 2 and sorted(recorded["shards"]) == shards
+    for shard in shards:
+        assert recorded["shards"][shard] == xxhash.xxh3_128((merged / shard).read_bytes()).hexdigest(), shard
+
+
+def test_verify_fails_on_a_finite_bit_flip_naming_the_shard(merged, tmp_path):
+    shard = flip_a_finite_bit(shutil.copytree(merged, tmp_path / "out"))
+    assert_refused(run_cli("verify", tmp_path / "out"), shard.name, "xxh3_128", "recorded when it was written")
 
 
 def test_verify_accepts_the_untouched_output(merged):
     result = run_cli("verify", merged)
     assert result.rc == 0, result.stderr
+
+
+def test_an_output_recorded_with_sha256_still_verifies(merged, tmp_path):
+    result = run_cli("verify", as_older_moemerge_wrote_it(merged, tmp_path))
+    assert result.rc == 0, result.stderr
+
+
+def test_verify_checks_sha256_where_the_manifest_records_it(merged, tmp_path):
+    shard = flip_a_finite_bit(as_older_moemerge_wrote_it(merged, tmp_path))
+    assert_refused(run_cli("verify", tmp_path / "old"), shard.name, "sha256", "recorded when it was written")
+
+
+def test_an_algorithm_verify_does_not_know_is_named(merged, tmp_path):
+    out = shutil.copytree(merged, tmp_path / "out")
+    manifest = json.loads((out / "moemerge.json").read_text())
+    manifest["shard_digests"]["algorithm"] = "blake3"
+    (out / "moemerge.json").write_text(json.dumps(manifest))
+    assert_refused(run_cli("verify", out), "moemerge.json", "shard_digests.algorithm", "blake3")

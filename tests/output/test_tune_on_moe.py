@@ -7,12 +7,12 @@ transformers computes for the written MoE.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 
 import pytest
 import torch
+import xxhash
 from support.tiny_models import load_model, make_base, make_expert, read_tensors, tiny_tokenizer, write_recipe
 
 from moemerge.errors import MoemergeError
@@ -76,9 +76,12 @@ def test_tuning_on_the_moe_never_lowers_held_out_accuracy(tmp_path, gate_mode):
     changed = [name for name in a if not torch.equal(a[name], b[name])]
     assert changed and all(name.endswith("block_sparse_moe.gate.weight") for name in changed)
     # The digests recorded are those of the shards as they are after the routers were rewritten.
-    recorded = json.loads((tuned / "moemerge.json").read_text())["shard_sha256"]
+    recorded = json.loads((tuned / "moemerge.json").read_text())["shard_digests"]
     assert recorded == {
-        shard.name: hashlib.sha256(shard.read_bytes()).hexdigest() for shard in tuned.glob("*.safetensors")
+        "algorithm": "xxh3_128",
+        "shards": {
+            shard.name: xxhash.xxh3_128(shard.read_bytes()).hexdigest() for shard in tuned.glob("*.safetensors")
+        },
     }
 
 
