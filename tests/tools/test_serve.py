@@ -497,8 +497,8 @@ def test_chat_with_a_forced_expert_says_so(out, monkeypatch):
 
 
 def test_waiting_requests_are_served_in_arrival_order(server, client):
-    """A long generation holds the slot while four short ones arrive 0.3 s apart and queue (seen on /health);
-    they are answered first come, first served."""
+    """A long generation holds the slot while four short ones arrive one after another and queue (each seen on
+    /health before the next is sent); they are answered first come, first served."""
     _, url, _ = server
     prompt = _long_prompt(client)
     patient = client.with_options(timeout=600)  # the last one waits for all the others on a loaded machine
@@ -514,9 +514,14 @@ def test_waiting_requests_are_served_in_arrival_order(server, client):
         replies = []
         for number in range(5):
             replies.append(pool.submit(ask, number))
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline:
-                most_waiting = max(most_waiting, httpx.get(f"{url}/health").json()["waiting"])
+            # the next request is sent once this one holds the slot (the first) or is queued (the others), so
+            # the arrival order is known however fast the machine is
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not replies[0].done():
+                health = httpx.get(f"{url}/health").json()
+                most_waiting = max(most_waiting, health["waiting"])
+                if (health["busy"] and number == 0) or health["waiting"] >= number > 0:
+                    break
         for reply in replies:
             reply.result()
     assert most_waiting >= 3, f"at most {most_waiting} requests queued: the test needs a longer first generation"
