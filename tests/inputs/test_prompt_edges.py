@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from support.hostile import run_cli
-from support.tiny_models import make_base, make_expert, read_tensors, write_recipe
+from support.tiny_models import base_with_experts, read_tensors, write_recipe
 
 from moemerge.inputs.prompts import read_dataset_csv
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prompts")
-    base = make_base(root / "base")
-    for i in range(3):
-        make_expert(base, root / f"e{i}", seed=i + 1)
-    return root
+    return base_with_experts(tmp_path_factory.mktemp("prompts"))
 
 
 def gates(out: Path) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from support.tiny_models import make_base, make_expert, write_recipe
+from support.tiny_models import base_with_experts, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moemerge.gates.prompt_shares import first_choice_shares
@@ -25,11 +25,7 @@ GROUPS = [0, 0, 1, 1, 2]
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("picture")
-    base = make_base(root / "base")
-    for i in range(3):
-        make_expert(base, root / f"e{i}", seed=i + 1)
-    return root
+    return base_with_experts(tmp_path_factory.mktemp("picture"))
 
 
 def _expected_shares(base: Path, routers: dict[int, torch.Tensor]) -> torch.Tensor:

@@ -207,3 +207,11 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
                 assert name not in tensors, f"{name} is in more than one shard"
                 tensors[name] = handle.get_tensor(name)
     return tensors
+
+
+def base_with_experts(root: Path, experts: int = 3) -> Path:
+    """A tiny base in root/base and experts of it in root/e0, root/e1, ... (seeds 1, 2, ...); returns root."""
+    base = make_base(root / "base")
+    for i in range(experts):
+        make_expert(base, root / f"e{i}", seed=i + 1)
+    return root
