@@ -1,5 +1,5 @@
-"""The guard behind tests/conftest.py's `outputs_with_features_verify`: every output a test wrote with a
-feature off its default (tune_on_moe, moe_layers, non_expert_weights, shared experts) must pass what `moemerge
+"""The guard behind tests/conftest.py's `outputs_with_features_verify`: every output a test wrote with a feature off
+its default (tune_on_moe, moe_layers, non_expert_weights, shared experts, generated gates) must pass what `moemerge
 verify` runs (deep: structure, values, recorded shard digests, loading), so no feature can write what verify
 rejects. Outputs are found by the manifest every merge writes, which records the recipe it was made from."""
 
@@ -24,6 +24,8 @@ def features(recipe: dict) -> list[str]:
         found.append(f"non_expert_weights {recipe['non_expert_weights']}")
     if recipe.get("shared_experts"):
         found.append("shared_experts")
+    if recipe.get("gate_mode") == "generated":  # writes generated_texts.jsonl beside the shards
+        found.append("gate_mode generated")
     return found
 
 
