@@ -3,6 +3,7 @@ download), with what it logged and fetched. Tests that need it skip, saying why,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +35,11 @@ class Rendered:
 
 
 def chromium_or_skip():
-    """playwright's sync API, or a skip naming what to install."""
+    """playwright's sync API, or a skip naming what to install; a failure instead where the browser is required
+    (MOEMERGE_REQUIRE_BROWSER=1, which .ci/run sets after installing chromium), so CI never skips these silently."""
     if not CHROMIUM.is_file():
+        if os.environ.get("MOEMERGE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"no {CHROMIUM}, and MOEMERGE_REQUIRE_BROWSER=1: the report's browser tests must run here")
         pytest.skip(f"no {CHROMIUM}: install Debian's chromium package (apt-get install -y chromium), as .ci/run does")
     return pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra").sync_playwright
 
