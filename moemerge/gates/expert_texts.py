@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("moemerge")
 BATCH_TOKENS = 8192  # padded prompt + new tokens per decode batch, which bounds the KV cache
 MAX_ROWS = 64  # continuations decoded together
+CANDIDATES = 1024  # most likely tokens a nucleus is first looked for in (sample_next)
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,20 @@ def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """Nucleus sampling, one generator per row: logits [rows, vocab] → token ids [rows]. Top-p keeps the most
-    likely tokens whose probabilities sum to at least `top_p` (always the most likely one)."""
+    likely tokens whose probabilities sum to at least `top_p` (always the most likely one), and one uniform
+    draw per row picks among them by their cumulative probabilities. The nucleus is looked for among the
+    CANDIDATES most likely tokens first: sorting the whole vocabulary of every row at every step cost more
+    than the decoding itself on CPU; only rows whose nucleus is wider fall back to the full sort."""
     probs = (logits.float() / temperature).softmax(dim=-1)
-    ordered, order = probs.sort(dim=-1, descending=True)
+    ordered, order = probs.topk(min(CANDIDATES, probs.shape[-1]), dim=-1)
+    if bool((ordered.sum(dim=-1) < top_p).any()):
+        ordered, order = probs.sort(dim=-1, descending=True)
     ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)
-    picks = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(ordered, generators, strict=True)])
-    return order.gather(1, picks[:, None]).squeeze(1)
+    cumulative = ordered.cumsum(dim=-1)
+    draws = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators]) * cumulative[:, -1]
+    picks = torch.searchsorted(cumulative, draws[:, None], right=True)
+    picks = torch.minimum(picks, (ordered > 0).sum(dim=-1, keepdim=True) - 1)  # a draw rounded up to the total
+    return order.gather(1, picks).squeeze(1)
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -264,3 +264,32 @@ def test_an_expert_with_no_prompt_to_continue_is_refused():
     rows = [Continuation(0, 0, 0, "p", "text", 1, 0)]
     with pytest.raises(MoemergeError, match=r"experts\[1\] \(second\): has no positive prompts to continue"):
         labelled_texts(rows, ["first", "second"], with_prompt=True)
+
+
+@pytest.mark.parametrize("candidates", [1024, 3], ids=["nucleus-among-candidates", "nucleus-wider-than-candidates"])
+def test_sampling_draws_from_the_nucleus_in_proportion(monkeypatch, candidates):
+    """Top-p by its definition, computed here: the smallest set of likeliest tokens whose probabilities (at the
+    temperature) sum to at least top_p; each is drawn in proportion to its probability, no other ever. Checked
+    on 20,000 rows with a generator each, against a 5-sigma band per token; with 3 candidates the nucleus (5
+    tokens) is wider than the candidates, so the full-sort path is the one checked."""
+    monkeypatch.setattr(expert_texts, "CANDIDATES", candidates)
+    logits = torch.tensor([2.0, 0.5, 1.4, -1.0, 1.0, 0.9, -3.0, 1.2])
+    temperature, top_p, rows = 0.8, 0.85, 20_000
+    probs = (logits / temperature).softmax(dim=0).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    nucleus, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        nucleus.append(i)
+        mass += probs[i]
+    assert len(nucleus) == 5 and mass >= top_p  # the case is what the docstring says
+    generators = [torch.Generator().manual_seed(seed) for seed in range(rows)]
+    drawn = expert_texts.sample_next(logits.expand(rows, -1), temperature, top_p, generators)
+    counts = torch.bincount(drawn, minlength=len(probs)).tolist()
+    for token, count in enumerate(counts):
+        if token not in nucleus:
+            assert count == 0, (token, counts)
+            continue
+        share = probs[token] / mass
+        assert abs(count - rows * share) <= 5 * (rows * share * (1 - share)) ** 0.5, (token, counts)
