@@ -73,7 +73,7 @@ class GateMode:
         return self.spec.name
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # no public API for this yet
     return bool(probe and probe())
 
@@ -85,7 +85,7 @@ def capture_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     float32: emulated half precision is slow, and float16 on CPU loses accuracy."""
     if device.type == "cuda":
         return dtype
-    return torch.bfloat16 if dtype == torch.bfloat16 and _cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
 def release(device: torch.device) -> None:
