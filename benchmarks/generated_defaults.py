@@ -43,6 +43,7 @@ from routing_quality import (  # noqa: E402
 )
 
 from moemerge.gates.expert_texts import labelled_texts, load_writer, write_expert_texts  # noqa: E402
+from moemerge.gates.modes.generated import writing_dtype  # noqa: E402
 from moemerge.gates.router_inputs import pad_ready  # noqa: E402
 from moemerge.hf import load_tokenizer  # noqa: E402
 from moemerge.inputs.experts import Expert  # noqa: E402
@@ -92,7 +93,7 @@ def generate(base: Path, seed: int, temperature: float, continuations: int, toke
         continuations=continuations, max_new_tokens=tokens, temperature=temperature, top_p=TOP_P, seed=seed
     )
     started = time.perf_counter()
-    model = load_writer(base, torch.device("cpu"), torch.float32)
+    model = load_writer(base, torch.device("cpu"), writing_dtype(torch.device("cpu"), torch.float32))
     written = write_expert_texts(
         model, pad_ready(load_tokenizer(base)), experts, prompts, spec, lambda d, n: lambda k: None
     )

@@ -35,6 +35,10 @@ log = logging.getLogger("moemerge")
 BATCH_TOKENS = 8192  # padded prompt + new tokens per decode batch, which bounds the KV cache
 MAX_ROWS = 64  # continuations decoded together
 CANDIDATES = 1024  # most likely tokens a nucleus is first looked for in (sample_next)
+# What an unprompted continuation starts from: a line break, the most neutral start a text can have (a model
+# needs one token to condition on). What an expert writes from it is what it writes most readily: its
+# domain, beyond the topics of its few prompts (benchmarks/generated_defaults.py).
+UNPROMPTED = "\n"
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,32 @@ def _batches(lengths: Sequence[int], spec: GenerateSpec) -> list[tuple[list[int]
     return batches
 
 
+def _write_prompts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    expert: Expert,
+    prompts: Sequence[str],
+    first: int,
+    spec: GenerateSpec,
+    advance: Callable[[int], None],
+    unprompted: bool = False,
+) -> list[Continuation]:
+    """`spec.continuations` continuations of each prompt by the expert in the model; prompt i is numbered
+    first + i (for its seeds and its record). `unprompted`: the prompts are UNPROMPTED starts, recorded as
+    empty prompts (the text is the expert's own from its first token)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    written = []
+    for chosen, samples in _batches(lengths, spec):
+        seeds = [[row_seed(spec.seed, expert.index, first + p, k) for k in samples] for p in chosen]
+        new = continue_batch(model, tokenizer, [prompts[p] for p in chosen], seeds, spec, advance)
+        for p, row_seeds, continuations in zip(chosen, seeds, new, strict=True):
+            shown = "" if unprompted else prompts[p]
+            for k, seed, ids in zip(samples, row_seeds, continuations, strict=True):
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                written.append(Continuation(expert.index, first + p, k, shown, text, len(ids), seed))
+    return written
+
+
 def write_expert_texts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -177,25 +207,22 @@ def write_expert_texts(
     spec: GenerateSpec,
     progress_task: Callable[[str, int], Callable[[int], None]],
 ) -> list[Continuation]:
-    """Every expert's `spec.continuations` continuations of each of its prompts, in (expert, prompt, sample)
-    order, sampled from `spec.seed` (which must be set). `model` is the dense base, whose MLP weights are
-    overwritten expert by expert."""
+    """Every expert's `spec.continuations` continuations of each of its prompts, then its `spec.unprompted`
+    continuations of no prompt (UNPROMPTED), in (expert, prompt, sample) order, sampled from `spec.seed`
+    (which must be set). `model` is the dense base, whose MLP weights are overwritten expert by expert."""
     num_layers = model.config.num_hidden_layers
-    total = sum(len(group) for group in prompts) * spec.continuations * spec.max_new_tokens
-    advance = progress_task(f"experts writing on {model.device.type} (tokens)", total)
+    per_expert = [len(group) * spec.continuations + spec.unprompted * bool(group) for group in prompts]
+    advance = progress_task(f"experts writing on {model.device.type} (tokens)", sum(per_expert) * spec.max_new_tokens)
+    free = spec.model_copy(update={"continuations": spec.unprompted})
     written: list[Continuation] = []
     for expert, group in zip(experts, prompts, strict=True):
         if not group:
             continue
         use_expert(model, expert, num_layers)
-        lengths = [len(ids) for ids in tokenizer(list(group))["input_ids"]]
-        for chosen, samples in _batches(lengths, spec):
-            seeds = [[row_seed(spec.seed, expert.index, p, k) for k in samples] for p in chosen]
-            new = continue_batch(model, tokenizer, [group[p] for p in chosen], seeds, spec, advance)
-            for p, row_seeds, continuations in zip(chosen, seeds, new, strict=True):
-                for k, seed, ids in zip(samples, row_seeds, continuations, strict=True):
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    written.append(Continuation(expert.index, p, k, group[p], text, len(ids), seed))
+        written += _write_prompts(model, tokenizer, expert, group, 0, spec, advance)
+        if spec.unprompted:
+            start = [UNPROMPTED]
+            written += _write_prompts(model, tokenizer, expert, start, len(group), free, advance, unprompted=True)
     written.sort(key=lambda row: (row.expert, row.prompt_index, row.sample))
     return written
 

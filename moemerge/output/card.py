@@ -138,9 +138,10 @@ def _generated(recipe: Recipe, names: list[str], rows: list[dict] | None) -> str
         "## Texts the experts wrote",
         "",
         f"The routers were fitted on text the experts wrote themselves: each expert continued each of its positive "
-        f"prompts {spec.continuations} times, up to {spec.max_new_tokens} tokens (temperature {spec.temperature:g}, "
-        f"top-p {spec.top_p:g}, seed {spec.seed}), and every continuation is labelled with the expert that wrote "
-        f"it. All {len(rows)} are in `{GENERATED_TEXTS}`.",
+        f"prompts {spec.continuations} times and wrote {spec.unprompted} text{'s' * (spec.unprompted != 1)} from no "
+        f"prompt, up to {spec.max_new_tokens} tokens each (temperature {spec.temperature:g}, top-p {spec.top_p:g}, "
+        f"seed {spec.seed}), and every text is labelled with the expert that wrote it. All {len(rows)} are in "
+        f"`{GENERATED_TEXTS}`.",
         "",
         "| expert | continuations | empty | tokens written | one of them |",
         "|---|---|---|---|---|",

@@ -27,7 +27,7 @@ from moemerge.inputs.recipe import ExpertSpec, GenerateSpec
 from moemerge.inputs.sources import ModelSource
 
 EOS = 2
-GREEDY = GenerateSpec(continuations=2, max_new_tokens=12, temperature=1e-4, top_p=1.0, seed=0)
+GREEDY = GenerateSpec(continuations=2, unprompted=1, max_new_tokens=12, temperature=1e-4, top_p=1.0, seed=0)
 
 
 def forced_expert(base: Path, path: Path, token: int, units: int = 8, strength: float = 1e3) -> Path:
@@ -83,13 +83,15 @@ def test_each_continuation_is_labelled_with_the_expert_that_wrote_it(models):
     # Each expert's prompts look like the other expert's text: the label must come from the writer.
     prompts = [["zz zz", "zzz"], ["a a a", "aaaa aa"]]
     written = write(models, [expert(0, models["a"]), expert(1, models["z"])], prompts, GREEDY)
+    # after its prompts' continuations, each expert's unprompted one, recorded with an empty prompt
     assert [(row.expert, row.prompt, row.sample) for row in written] == [
-        (e, p, k) for e in range(2) for p in prompts[e] for k in range(2)
+        (e, p, k) for e in range(2) for p, n in [*((p, 2) for p in prompts[e]), ("", 1)] for k in range(n)
     ]
     assert all(row.new_tokens == GREEDY.max_new_tokens for row in written)
+    assert len({row.seed for row in written}) == len(written)
     texts, labels = labelled_texts(written, ["a-writer", "z-writer"], with_prompt=False)
-    assert labels == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert [letters(text) for text in texts] == [{"a"}] * 4 + [{"z"}] * 4
+    assert labels == [0] * 5 + [1] * 5
+    assert [letters(text) for text in texts] == [{"a"}] * 5 + [{"z"}] * 5
     with_prompts, _ = labelled_texts(written, ["a-writer", "z-writer"], with_prompt=True)
     assert with_prompts == [row.prompt + row.text for row in written]
 
@@ -116,8 +118,8 @@ def test_an_expert_writes_what_its_dense_model_writes_greedily(models, tmp_path)
     experts = [expert(0, models["z"]), expert(1, models["base"], tmp_path / "lora")]
     written = write(models, experts, [["zzz"], prompts], GREEDY)
     tokenizer = tiny_tokenizer()
-    for row in [r for r in written if r.expert == 1]:
-        ids = tokenizer(row.prompt, return_tensors="pt")["input_ids"]
+    for row in [r for r in written if r.expert == 1]:  # the unprompted one writes after a line break
+        ids = tokenizer(row.prompt or "\n", return_tensors="pt")["input_ids"]
         out = reference.generate(ids, do_sample=False, max_new_tokens=GREEDY.max_new_tokens, pad_token_id=EOS)
         new = out[0, ids.shape[1] :].tolist()
         want = tokenizer.decode(new[: new.index(EOS)] if EOS in new else new, skip_special_tokens=True)
@@ -148,7 +150,7 @@ def test_texts_do_not_depend_on_how_rows_are_batched(models, monkeypatch):
 
 def test_progress_counts_every_token_at_every_step(models):
     prompts = [["abc", "hello"], ["xyz"]]
-    spec = GenerateSpec(continuations=2, max_new_tokens=6, temperature=1.0, seed=0)
+    spec = GenerateSpec(continuations=2, unprompted=1, max_new_tokens=6, temperature=1.0, seed=0)
     tasks: list[tuple[str, int, list[int]]] = []
 
     def task(description: str, total: int):
@@ -159,15 +161,15 @@ def test_progress_counts_every_token_at_every_step(models):
     write(models, [expert(0, models["random0"]), expert(1, models["eos"])], prompts, spec, task)
     [(description, total, steps)] = tasks
     assert "tokens" in description
-    assert total == 3 * 2 * 6
+    assert total == (3 * 2 + 2 * 1) * 6
     assert sum(steps) == total
     assert steps[:6] == [4] * 6  # the first expert's batch: four rows, one call per token step
 
 
 def test_an_expert_that_writes_only_special_tokens_is_refused(models):
     written = write(models, [expert(0, models["a"]), expert(1, models["eos"])], [["zz"], ["aa"]], GREEDY)
-    assert [row.new_tokens for row in written] == [12, 12, 0, 0]
-    with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos-writer\): all 2 continuations .* empty"):
+    assert [row.new_tokens for row in written] == [12, 12, 12, 0, 0, 0]
+    with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos-writer\): all 3 continuations .* empty"):
         labelled_texts(written, ["a-writer", "eos-writer"], with_prompt=False)
 
 
@@ -192,7 +194,7 @@ def generated_recipe(path: Path, models: dict[str, Path], experts: list[tuple[st
         "gate_mode": "generated",
         "dtype": "float32",
         "experts_per_token": 1,
-        "generate": {"continuations": 3, "max_new_tokens": 10, "temperature": 0.05, **generate},
+        "generate": {"continuations": 3, "unprompted": 1, "max_new_tokens": 10, "temperature": 0.05, **generate},
         "training": {"steps": 100, "lr": 0.05},
         "experts": [{"source_model": str(models[key]), "name": key, "positive_prompts": p} for key, p in experts],
     }
@@ -229,18 +231,19 @@ def test_the_routers_send_each_writers_text_to_it(writers_merged):
 def test_the_output_keeps_what_the_experts_wrote(writers_merged):
     lines = (writers_merged / GENERATED_TEXTS).read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [(row["expert"], row["label"]) for row in rows] == [("a", 0)] * 6 + [("z", 1)] * 6
-    assert [letters(row["continuation"]) for row in rows] == [{"a"}] * 6 + [{"z"}] * 6
-    assert [row["prompt"] for row in rows[:6]] == ["q"] * 3 + ["s t"] * 3
-    assert len({row["seed"] for row in rows}) == 12  # one per continuation
+    assert [(row["expert"], row["label"]) for row in rows] == [("a", 0)] * 7 + [("z", 1)] * 7
+    assert [letters(row["continuation"]) for row in rows] == [{"a"}] * 7 + [{"z"}] * 7
+    assert [row["prompt"] for row in rows[:7]] == ["q"] * 3 + ["s t"] * 3 + [""]
+    assert len({row["seed"] for row in rows}) == 14  # one per continuation
     assert all(row["settings"]["seed"] == 0 and row["settings"]["max_new_tokens"] == 10 for row in rows)
     manifest = json.loads((writers_merged / "moemerge.json").read_text())
-    assert manifest["generated_texts"] == {"file": GENERATED_TEXTS, "rows": 12}
+    assert manifest["generated_texts"] == {"file": GENERATED_TEXTS, "rows": 14}
     report = json.loads((writers_merged / "gate_training.json").read_text())
-    assert report["train_prompts"] + report["holdout_prompts"] == 12
+    assert report["train_prompts"] + report["holdout_prompts"] == 14
     card = (writers_merged / "README.md").read_text(encoding="utf-8")
-    assert "## Texts the experts wrote" in card and f"All 12 are in `{GENERATED_TEXTS}`" in card
-    assert "| a | 6 | 0 | 60 | `a a a a a a a a a a` |" in card
+    assert "## Texts the experts wrote" in card and f"All 14 are in `{GENERATED_TEXTS}`" in card
+    assert "wrote 1 text from no prompt" in card
+    assert "| a | 7 | 0 | 70 | `a a a a a a a a a a` |" in card
 
 
 def test_the_same_seed_gives_the_same_routers(models, tmp_path):
@@ -256,7 +259,7 @@ def test_the_same_seed_gives_the_same_routers(models, tmp_path):
 
 def test_an_expert_that_writes_nothing_stops_the_merge(models, tmp_path):
     recipe = generated_recipe(tmp_path / "r.yaml", models, [("a", ["zz"]), ("eos", ["aa"])])
-    with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos\): all 3 continuations it wrote are empty"):
+    with pytest.raises(MoemergeError, match=r"experts\[1\] \(eos\): all 4 continuations it wrote are empty"):
         merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert not (tmp_path / "out").exists()
 
@@ -308,4 +311,22 @@ def test_experts_write_in_bfloat16_only_on_a_cpu_that_computes_it_natively(model
     merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
     assert dtypes == [torch.bfloat16 if native else torch.float32]
     rows = [json.loads(line) for line in (tmp_path / "out" / GENERATED_TEXTS).read_text().splitlines()]
-    assert [letters(row["continuation"]) for row in rows] == [{"a"}] * 3 + [{"z"}] * 3
+    assert [letters(row["continuation"]) for row in rows] == [{"a"}] * 4 + [{"z"}] * 4
+
+
+def test_the_fitted_routers_are_sharpened(models, tmp_path, monkeypatch):
+    """The written routers are SHARPNESS times the fitted ones, in every fitted layer (and only those: a layer
+    left out of training keeps its hidden-state rows as they are)."""
+    experts = [("random0", ["abc", "hello"]), ("random1", ["xyz", "st uv"])]
+    recipe = generated_recipe(tmp_path / "r.yaml", models, experts, temperature=1.0)
+    spec = yaml.safe_load(recipe.read_text())
+    spec["training"]["layers"] = [0, 2]
+    recipe.write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(generated, "SHARPNESS", 1.0)
+    merge(recipe, tmp_path / "plain", MergeOptions(device="cpu"))
+    monkeypatch.setattr(generated, "SHARPNESS", 2.5)
+    merge(recipe, tmp_path / "sharp", MergeOptions(device="cpu"))
+    plain, sharp = routers(tmp_path / "plain"), routers(tmp_path / "sharp")
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(sharp[[0, 2]], 2.5 * plain[[0, 2]], rtol=1e-6, atol=0)
+    torch.testing.assert_close(sharp[1], plain[1], rtol=0, atol=0)
