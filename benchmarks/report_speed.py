@@ -80,14 +80,26 @@ def timed(work: Callable[[], object]) -> tuple[object, float, float]:
     return result, time.perf_counter() - wall, cpu() - started
 
 
-def run_report(out: Path, source: list[str], page: Path) -> dict:
-    """`moemerge report` as a user runs it, timed whole."""
+def run_report(out: Path, source: list[str], page: Path, repeat: int) -> dict:
+    """`moemerge report` as a user runs it, timed whole, `repeat` times: the median run's times and the range."""
     command = [str(Path(sys.executable).with_name("moemerge")), "report", str(out), *source, "-o", str(page)]
-    run, wall, cpu = timed(lambda: subprocess.run(command, capture_output=True, text=True))
-    if run.returncode != 0:
-        raise SystemExit(f"error: {shlex.join(command)} failed: {run.stderr.strip()}")
+    runs = []
+    for _ in range(repeat):
+        run, wall, cpu = timed(lambda: subprocess.run(command, capture_output=True, text=True))
+        if run.returncode != 0:
+            raise SystemExit(f"error: {shlex.join(command)} failed: {run.stderr.strip()}")
+        runs.append((wall, cpu))
+    walls = sorted(wall for wall, _ in runs)
+    wall, cpu = sorted(runs)[len(runs) // 2]
     dtype = str(routing_dtype("auto", CPU)).removeprefix("torch.")
-    return {"wall_s": wall, "cpu_s": cpu, "mb": page.stat().st_size / 1e6, "dtype": dtype}
+    return {
+        "wall_s": wall,
+        "wall_range_s": [walls[0], walls[-1]],
+        "runs": repeat,
+        "cpu_s": cpu,
+        "mb": page.stat().st_size / 1e6,
+        "dtype": dtype,
+    }
 
 
 def route_only(out: Path, texts: list[str], dtype: torch.dtype) -> tuple[list[Routing], dict]:
@@ -115,7 +127,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/moemerge-report"))
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "report_speed.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results" / "report_speed.md")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each whole command (median and range)")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     if not cpu_has_native_bf16():
         raise SystemExit("error: this CPU does not compute bfloat16 natively; report routes in float32 here")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +146,9 @@ def main() -> None:
     page = args.workdir / "report.html"
     rows = [
         {"part": f"moemerge report --file ({TEXTS} texts), whole command"}
-        | run_report(out, ["--file", str(text_file)], page),
+        | run_report(out, ["--file", str(text_file)], page, args.repeat),
         {"part": f"moemerge report --dataset ({TEXTS} labelled texts), whole command"}
-        | run_report(out, ["--dataset", str(dataset)], page),
+        | run_report(out, ["--dataset", str(dataset)], page, args.repeat),
     ]
     routed = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -145,7 +159,7 @@ def main() -> None:
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = (
         f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, 1-minute load average "
-        f"{os.getloadavg()[0]:.1f} at the end"
+        f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     data = {
         "invocation": invocation,
@@ -174,7 +188,11 @@ def markdown(data: dict) -> str:
     ]
     for row in data["rows"]:
         size = "—" if row["mb"] is None else f"{row['mb']:.2f}"
-        lines.append(f"| {row['part']} | {row['dtype']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {size} |")
+        wall = f"{row['wall_s']:.1f}"
+        if "runs" in row:
+            low, high = row["wall_range_s"]
+            wall += f" (median of {row['runs']}: {low:.1f}–{high:.1f})"
+        lines.append(f"| {row['part']} | {row['dtype']} | {wall} | {row['cpu_s']:.1f} | {size} |")
     same = data["agreement"]
     lines += [
         "",
