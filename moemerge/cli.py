@@ -308,7 +308,7 @@ def report_command(
     dtype: Annotated[
         str,
         typer.Option(
-            help=f"Routing dtype: auto (bfloat16 on a CPU that computes it natively, else float32) or "
+            help="Routing dtype: auto (bfloat16 on a CPU that computes it natively, else float32), "
             f"{' or '.join(DTYPES)}."
         ),
     ] = "auto",
