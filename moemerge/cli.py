@@ -37,7 +37,7 @@ from moemerge.output.options import MergeOptions
 from moemerge.tools.evaluate import DECIDE_TOKENS, evaluate
 from moemerge.tools.request_routing import RequestRouting
 from moemerge.tools.route_report import route_prompts
-from moemerge.tools.routing import EXPERT_COLORS, load_moe
+from moemerge.tools.routing import DTYPES, EXPERT_COLORS, load_moe, routing_dtype
 from moemerge.tools.verify import verify
 
 app = typer.Typer(
@@ -54,6 +54,9 @@ ROUTING_HELP = (
     "routers' mean probabilities over its text, then only those experts run."
 )
 MIXING_HELP = "With --request-top-k above 1: router (its own pick among the chosen) or fixed (the decision's weights)."
+DecideTokens = Annotated[
+    int, typer.Option(help="With --ppl: request routing decides from this many first tokens, scores the rest.")
+]
 # The flags of the library's options where a flag is not --option-name (the routing settings' fields).
 FLAGS = {
     "routing.mode": "--routing",
@@ -236,6 +239,11 @@ def route_command(
     )
 
 
+def _check_decide_tokens(decide_tokens: int) -> None:
+    if decide_tokens < 1:
+        raise MoemergeError(f"--decide-tokens {decide_tokens}: must be at least 1")
+
+
 @app.command("eval")
 def eval_command(
     out: Annotated[Path, typer.Argument(help="A merged output folder.")],
@@ -244,15 +252,12 @@ def eval_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     request_top_k: Annotated[int, typer.Option(help="Experts in each text's request-level decision.")] = 1,
-    decide_tokens: Annotated[
-        int, typer.Option(help="With --ppl: request routing decides from this many first tokens, scores the rest.")
-    ] = DECIDE_TOKENS,
+    decide_tokens: DecideTokens = DECIDE_TOKENS,
     request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Routing accuracy per expert and per layer on a labelled CSV (top-1 router choice = the label), and per
     request (the request-level decision's first expert = the label)."""
-    if decide_tokens < 1:
-        raise MoemergeError(f"--decide-tokens {decide_tokens}: must be at least 1")
+    _check_decide_tokens(decide_tokens)
     model, tokenizer, names = load_moe(out, resolve_device(device))
     RequestRouting("request", request_top_k, request_mixing).checked(names)
     if not dataset.is_file():
@@ -300,7 +305,16 @@ def report_command(
         bool, typer.Option("--ppl", help="With --dataset: perplexity under token and request routing.")
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Routing dtype: auto (bfloat16 on a CPU that computes it natively, else float32), "
+            f"{' or '.join(DTYPES)}."
+        ),
+    ] = "auto",
     request_top_k: Annotated[int, typer.Option(help="Experts in each text's request-level decision.")] = 1,
+    decide_tokens: DecideTokens = DECIDE_TOKENS,
+    request_mixing: Annotated[str, typer.Option(help=MIXING_HELP)] = "router",
 ) -> None:
     """Write one self-contained HTML page: tokens coloured by expert, per-layer heatmaps, and for a labelled set
     accuracy per layer and a label × expert matrix; opens from disk, fetches nothing."""
@@ -320,10 +334,14 @@ def report_command(
     texts = list(prompts or []) + (read_prompt_file(file, "--file") if file is not None else [])
     if dataset is None and not texts:
         raise MoemergeError("give texts to show, --file texts.txt or --dataset labelled.csv")
-    model, tokenizer, names = load_moe(out, resolve_device(device))
-    RequestRouting("request", request_top_k).checked(names)
+    _check_decide_tokens(decide_tokens)
+    where = resolve_device(device)
+    model, tokenizer, names = load_moe(out, where, routing_dtype(dtype, where))
+    RequestRouting("request", request_top_k, request_mixing).checked(names)
     labelled = read_dataset_csv(dataset, names) if dataset is not None else None
-    page = build_report(out, model, tokenizer, names, texts, labelled, ppl, request_top_k)
+    page = build_report(
+        out, model, tokenizer, names, texts, labelled, ppl, request_top_k, decide_tokens, request_mixing
+    )
     write_page(page, output)
     err.print(f"[green]wrote[/green] {output} ({len(page.encode()) / 1e6:.1f} MB)", highlight=False)
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import decide, restricted
-from moemerge.tools.routing import Routing, next_token_losses, route, tokenize
+from moemerge.tools.routing import Routing, next_token_losses, route_texts, tokenize
 
 DECIDE_TOKENS = 32  # request perplexity: decided from the text's first tokens (BOS included), scored on the rest
 
@@ -72,8 +72,8 @@ def evaluate(
     requests_right = [0] * experts
     nll, predicted = torch.zeros(experts), torch.zeros(experts)
     request_nll, token_nll, scored = torch.zeros(experts), torch.zeros(experts), torch.zeros(experts)
-    for index, (text, label) in enumerate(labelled):
-        routing = route(model, tokenizer, text)
+    routings = route_texts(model, tokenizer, [text for text, _ in labelled], losses=with_perplexity)
+    for index, ((text, label), routing) in enumerate(zip(labelled, routings, strict=True)):
         if on_routing is not None:
             on_routing(index, routing)
         count = routing.logits.shape[1]

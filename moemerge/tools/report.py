@@ -1,7 +1,7 @@
 """`moemerge report`: one self-contained HTML page (styles and pictures inline, no script, nothing fetched) that
 shows where a merged model routes some texts or a labelled set.
 
-The numbers come from the tools that compute them: `routing.route` (router logits per text, first-choice shares
+The numbers come from the tools that compute them: `routing.route_texts` (router logits per text, first-choice shares
 per layer), `request_routing.decide` (the request-level decision) and, for a labelled set, `evaluate.evaluate`
 (accuracy per layer, request accuracy, perplexity), which hands over each text's routing as it goes so nothing
 is routed twice. This module only arranges them: token colouring, heatmaps, tables, the merge's records."""
@@ -20,10 +20,10 @@ import torch
 
 import moemerge.plots as plots  # not `from moemerge import`: that reads as importing the package
 from moemerge.files import MANIFEST, RECIPE_COPY, ROUTING_PICTURE, TRAINING_REPORT, read_json_object
-from moemerge.tools.evaluate import EvalResult, evaluate
+from moemerge.tools.evaluate import DECIDE_TOKENS, EvalResult, evaluate
 from moemerge.tools.moe_layers import moe_layers
 from moemerge.tools.request_routing import Decision, decide
-from moemerge.tools.routing import Routing, route
+from moemerge.tools.routing import Routing, route_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -131,8 +131,9 @@ def _legend(names: list[str], edges: list[tuple[int, int]], layers: list[int]) -
     )
 
 
-def _header(out: Path) -> str:
-    """The merge's records: gate mode and experts from moemerge.json, the training report, the recipe."""
+def _header(out: Path, dtype: str) -> str:
+    """The merge's records (gate mode and experts from moemerge.json, the training report, the recipe) and the
+    dtype the page's routing was computed in."""
     manifest = read_json_object(out / MANIFEST) if (out / MANIFEST).is_file() else {}
     rows = [
         ("model", out.name),
@@ -140,6 +141,7 @@ def _header(out: Path) -> str:
         ("gate mode", manifest.get("gate_mode", "—")),
         ("experts", ", ".join(manifest.get("expert_names") or []) or "—"),
         ("experts per token", manifest.get("experts_per_token", "—")),
+        ("routing computed in", dtype),
     ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     parts = [f'<table class="meta">{table}</table>']
@@ -232,8 +234,9 @@ def render(
     names: list[str],
     layers: list[int],
     result: EvalResult | None,
+    dtype: str,
 ) -> str:
-    """The page, as one HTML string."""
+    """The page, as one HTML string; `dtype`: what the routing was computed in."""
     combinations: set[tuple[int, ...]] = set()
     texts = []
     for number, view in enumerate(views, start=1):
@@ -250,7 +253,7 @@ def render(
 <html lang="en"><head><meta charset="utf-8"><title>routing report: {html.escape(out.name)}</title>
 <style>{STYLE}{_token_styles(combinations)}</style></head>
 <body><h1>Routing report: {html.escape(out.name)}</h1>
-<section id="header">{_header(out)}</section>
+<section id="header">{_header(out, dtype)}</section>
 <section id="heatmap"><h2>First-choice shares per layer</h2>{heatmap}</section>
 {labelled}
 <section id="texts"><h2>Tokens by expert</h2>{_legend(names, edges, layers)}{"".join(texts)}</section>
@@ -267,8 +270,11 @@ def build_report(
     labelled: list[tuple[str, int]] | None = None,
     with_perplexity: bool = False,
     request_top_k: int = 1,
+    decide_tokens: int = DECIDE_TOKENS,
+    request_mixing: str = "router",
 ) -> str:
-    """The report page for `texts`, or for the labelled set (evaluated once, its routings reused)."""
+    """The report page for `texts`, or for the labelled set (evaluated once, its routings reused); routed in
+    the model's dtype, which the header names."""
     views: list[TextView] = []
     result = None
     if labelled:
@@ -278,12 +284,13 @@ def build_report(
             views.append(text_view(tokenizer, text, routing, request_top_k, label))
 
         result = evaluate(
-            model, tokenizer, names, labelled, with_perplexity, request_top_k=request_top_k, on_routing=seen
+            model, tokenizer, names, labelled, with_perplexity, request_top_k, decide_tokens, request_mixing, seen
         )
     else:
-        views = [text_view(tokenizer, text, route(model, tokenizer, text), request_top_k) for text in texts]
+        routings = route_texts(model, tokenizer, texts)
+        views = [text_view(tokenizer, t, r, request_top_k) for t, r in zip(texts, routings, strict=True)]
     layers = list(moe_layers(model).routing)
-    return render(out, views, names, layers, result)
+    return render(out, views, names, layers, result, str(model.dtype).removeprefix("torch."))
 
 
 def write_page(page: str, path: Path) -> None:

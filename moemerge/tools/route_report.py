@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from moemerge.tools.request_routing import RequestRouting, decide
-from moemerge.tools.routing import route
+from moemerge.tools.routing import route_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,8 +26,7 @@ def route_prompts(
     weights: what serve's request routing runs)."""
     RequestRouting("request", request_top_k).checked(names)
     rows = []
-    for text in texts:
-        routing = route(model, tokenizer, text)
+    for text, routing in zip(texts, route_texts(model, tokenizer, texts), strict=True):
         shares = routing.shares()
         chosen = decide(routing.logits, request_top_k).report(names)["chosen"]
         rows.append(

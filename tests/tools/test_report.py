@@ -5,6 +5,8 @@ each label's accuracy are what the MoE's own router logits (read here with trans
 from __future__ import annotations
 
 import functools
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -76,7 +78,8 @@ def _has_color(image: Image.Image, color: tuple[int, int, int], tolerance: int =
 def test_labelled_report_renders_in_chromium_and_shows_the_routers_choices(tiny, tmp_path):
     page_file = tmp_path / "report.html"
     run = subprocess.run(
-        [CLI, "report", tiny / "out", "--dataset", tiny / "labelled.csv", "-o", page_file],
+        # float32: the expected choices below are transformers' in float32
+        [CLI, "report", tiny / "out", "--dataset", tiny / "labelled.csv", "-o", page_file, "--dtype", "float32"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -135,9 +138,39 @@ def test_report_of_texts_is_one_file_that_names_the_texts_request(tiny, tmp_path
         assert reference not in page, f"the page refers to something outside itself: {reference}"
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", None])
+def test_the_page_names_the_dtype_it_routed_in(tiny, tmp_path, dtype):
+    page_file = tmp_path / "texts.html"
+    asked = [] if dtype is None else ["--dtype", dtype]
+    assert _run(["report", str(tiny / "out"), "aaaaaa ssss", "-o", str(page_file), *asked]) is None
+    native = torch.cpu._is_avx512_bf16_supported()  # auto: bfloat16 where the CPU computes it natively
+    expected = dtype or ("bfloat16" if native else "float32")
+    assert f"<th>routing computed in</th><td>{expected}</td>" in page_file.read_text()
+
+
+def test_labelled_report_measures_perplexity_as_eval_does_with_the_same_options(tiny, tmp_path):
+    options = ["--ppl", "--decide-tokens", "3", "--request-mixing", "fixed", "--request-top-k", "2"]
+    page_file, numbers = tmp_path / "labelled.html", tmp_path / "eval.json"
+    csv = str(tiny / "labelled.csv")
+    report = ["report", str(tiny / "out"), "--dataset", csv, "-o", str(page_file), "--dtype", "float32"]
+    assert _run([*report, *options]) is None
+    assert _run(["eval", str(tiny / "out"), csv, "--json", str(numbers), *options]) is None
+    result = json.loads(numbers.read_text())
+    assert (result["decide_tokens"], result["request_mixing"]) == (3, "fixed")
+    page = page_file.read_text()
+    assert "<th>after 3: token routing</th>" in page
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr><td>.*?</tr>", page)]
+    assert [row[0] for row in rows] == NAMES
+    for expert, row in enumerate(rows):
+        perplexities = [result[key][expert] for key in ("perplexity", "scored_token_perplexity", "request_perplexity")]
+        assert row[5:] == [f"{value:.3f}" for value in perplexities]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["hello", "--dtype", "float16"], "--dtype 'float16': use auto, float32 or bfloat16"),
+        (["hello", "--decide-tokens", "0"], "--decide-tokens 0: must be at least 1"),
         (["hello", "--dataset", "{csv}"], "not both"),
         (["--dataset", "{csv}", "-o", "{csv}"], "is the --dataset file"),
         (["--ppl", "hello"], "--ppl needs --dataset"),
