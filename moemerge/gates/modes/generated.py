@@ -9,8 +9,9 @@ from dataclasses import replace
 
 import torch
 
+from moemerge.device import cpu_has_native_bf16
 from moemerge.gates.expert_texts import Continuation, labelled_texts, load_writer, write_expert_texts
-from moemerge.gates.modes.mode import GateContext, GateMode, GateResult, capture_dtype, cpu_has_native_bf16, release
+from moemerge.gates.modes.mode import GateContext, GateMode, GateResult, capture_dtype, release
 from moemerge.gates.modes.trained import fit_labelled
 from moemerge.inputs.gate_modes import GATE_MODE_SPECS
 from moemerge.inputs.recipe import GenerateSpec

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moemerge.device import cpu_has_native_bf16
 from moemerge.gates.router_inputs import CaptureOptions, pad_ready
 from moemerge.gates.trained import TrainingReport
 from moemerge.hf import load_tokenizer
@@ -71,11 +72,6 @@ class GateMode:
     @property
     def name(self) -> str:
         return self.spec.name
-
-
-def cpu_has_native_bf16() -> bool:
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # no public API for this yet
-    return bool(probe and probe())
 
 
 def capture_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
