@@ -64,13 +64,14 @@ GRID = [
     Point(4, 64, 0.9),  # the prototype
     Point(4, 64, 0.9, unprompted=8),
     Point(4, 64, 0.9, sharpness=2.0),
-    Point(4, 64, 0.9, unprompted=8, sharpness=2.0),  # the defaults
+    Point(4, 64, 0.9, unprompted=8, sharpness=2.0),
     Point(4, 64, 0.9, unprompted=8, sharpness=3.0),
     Point(4, 64, 0.9, unprompted=16, sharpness=2.0),
-    Point(4, 64, 0.7, unprompted=8, sharpness=2.0),
+    Point(4, 64, 0.7, unprompted=8, sharpness=2.0),  # the defaults
     Point(2, 64, 0.9, unprompted=8, sharpness=2.0),
     Point(4, 32, 0.9, unprompted=8, sharpness=2.0),
     Point(4, 64, 0.9, unprompted=8, sharpness=2.0, with_prompt=False),
+    Point(4, 64, 0.5, unprompted=8, sharpness=2.0),
 ]
 TOP_P = 0.95
 

@@ -58,7 +58,7 @@ def _remade(table: Path) -> str:
         return _script("fresh_setup").markdown(data)
     if table.stem == "request_routing":
         return _script("request_routing").markdown(data)
-    if table.stem == "routing_quality":
+    if table.stem.startswith("routing_quality"):
         rows = _script("routing_quality").table(data["rows"])
         return f"`{data['invocation']}` — {data['date']}, {data['machine']}\n\n{rows}\n"
     if table.stem == "expert_policies":

@@ -111,7 +111,7 @@ class GenerateSpec(BaseModel):
     continuations: int = Field(default=4, ge=1, le=10_000)  # per positive prompt
     unprompted: int = Field(default=8, ge=0, le=10_000)  # per expert, from no prompt (expert_texts.UNPROMPTED)
     max_new_tokens: int = Field(default=64, ge=1, le=8192)
-    temperature: float = Field(default=0.9, gt=0, le=100)
+    temperature: float = Field(default=0.7, gt=0, le=100)
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # None: the merge's seed (--seed)
 
