@@ -65,9 +65,9 @@ def fit_gates(
 ) -> torch.Tensor:
     """features [layers, tokens, hidden], labels [tokens] → router weights [layers, experts, hidden], each layer
     fitted on its own (the loss is a sum over layers and AdamW's update is elementwise, so fitting them
-    together would give the same weights; one layer's batch stays in the CPU's cache, which made the fit
-    about four times faster than all layers' batches at once). `on_step(0)` is called before every step: the
-    gate pass's progress, which stops a cancelled pass there (moemerge.gates.background)."""
+    together would give the same weights; but one layer's batch stays in the CPU's cache, and all layers'
+    batches at once made a generated merge slower, not faster). `on_step(0)` is called before every step:
+    the gate pass's progress, which stops a cancelled pass there (moemerge.gates.background)."""
     return torch.stack([_fit_layer(layer, labels, num_experts, spec, on_step) for layer in features])
 
 
@@ -79,7 +79,8 @@ def _fit_layer(
     on_step: Callable[[int], None] | None,
 ) -> torch.Tensor:
     """features [tokens, hidden], labels [tokens] → router weights [experts, hidden]: softmax regression, each
-    step on TOKENS_PER_STEP tokens drawn with replacement, gathered into one reused buffer."""
+    step on TOKENS_PER_STEP tokens drawn with replacement, gathered into one reused buffer and scaled there
+    (a fresh gathered and a fresh scaled copy every step made the fit 3.8 times slower on 5000 tokens)."""
     tokens, hidden = features.shape
     scale = features.norm(dim=-1).mean().clamp_min(1e-6)
     weight = torch.zeros(num_experts, hidden, device=features.device, requires_grad=True)
