@@ -1,9 +1,10 @@
-"""Where hidden states are computed: CUDA when present (or asked for), else the CPU; and whether the CPU computes
-bfloat16 natively."""
+"""Where hidden states are computed: CUDA when present (or asked for), else the CPU; whether the CPU computes
+bfloat16 natively; and how a helper thread keeps torch off the cores the gate pass computes on."""
 
 from __future__ import annotations
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from moemerge.errors import OptionError
 
@@ -23,3 +24,13 @@ def cpu_has_native_bf16() -> bool:
     times faster than float32; elsewhere they are emulated and slower."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # no public API for this yet
     return bool(probe and probe())
+
+
+def one_torch_thread() -> None:
+    """Make torch compute on one core in the calling thread only (other threads keep theirs). A helper thread
+    that runs torch beside the gate pass gets an OpenMP team of its own, and once the process has more OpenMP
+    threads than cores, the OpenMP runtime (libgomp) stops spin-waiting in every team: the gate pass's many
+    small operations then took 25% longer on two cores (benchmarks/merge_speed.py). OpenMP thread counts are
+    per thread; torch sets this thread's at its first use, so that comes first."""
+    torch.get_num_threads()
+    threadpool_limits(1, user_api="openmp")

@@ -108,19 +108,20 @@ def continue_batch(
     spec: GenerateSpec,
     advance: Callable[[int], None],
 ) -> list[list[list[int]]]:
-    """Sample continuations of each prompt, one per seed in `seeds[i]` (the same count for every prompt): the
-    prompts are left-padded and run through the model once, their KV cache repeated for every continuation.
-    Returns each continuation's new token ids, cut before its first stop token. `advance` hears of every token
-    written (rows × steps) at every step, and of the steps left once every row has stopped."""
+    """Sample continuations of each prompt, one per seed in `seeds[i]` (prompts may have different counts): the
+    prompts are left-padded and run through the model once, and each one's KV cache is repeated for its
+    continuations. Returns each continuation's new token ids, cut before its first stop token. `advance` hears
+    of every token written (rows × steps) at every step, and of the steps left once every row has stopped."""
     device = model.device
-    repeats = len(seeds[0])
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
     ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = out.cache, out.logits[:, -1].repeat_interleave(repeats, dim=0)
-    cache.batch_repeat_interleave(repeats)
-    mask, positions = mask.repeat_interleave(repeats, dim=0), positions[:, -1:].repeat_interleave(repeats, dim=0)
+    counts = [len(row) for row in seeds]
+    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(counts, device=device))
+    cache, logits = out.cache, out.logits[owner, -1]
+    cache.batch_select_indices(owner)
+    mask, positions = mask[owner], positions[owner, -1:]
     generators = [torch.Generator(device=device).manual_seed(s) for row in seeds for s in row]
     stops = torch.tensor(_stop_ids(model, tokenizer), device=device)
     rows = len(generators)
@@ -139,8 +140,8 @@ def continue_batch(
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
     tokens = torch.stack(written, dim=1).cpu().tolist()
-    cut = [row[: row.index(-1)] if -1 in row else row for row in tokens]
-    return [cut[i : i + repeats] for i in range(0, rows, repeats)]
+    cut = iter([row[: row.index(-1)] if -1 in row else row for row in tokens])
+    return [[next(cut) for _ in range(count)] for count in counts]
 
 
 def use_expert(model: PreTrainedModel, expert: Expert, num_layers: int) -> None:
@@ -154,48 +155,55 @@ def use_expert(model: PreTrainedModel, expert: Expert, num_layers: int) -> None:
                 params[name].copy_(expert.own_weight(name))
 
 
-def _batches(lengths: Sequence[int], spec: GenerateSpec) -> list[tuple[list[int], range]]:
-    """(prompt indices, sample numbers) decoded together: every sample of a few prompts, at most MAX_ROWS rows
-    (a prompt with more samples than that is cut into runs of MAX_ROWS) and about BATCH_TOKENS padded tokens."""
-    runs = [range(k, min(k + MAX_ROWS, spec.continuations)) for k in range(0, spec.continuations, MAX_ROWS)]
-    batches: list[tuple[list[int], range]] = []
-    for samples in runs:
-        group: list[int] = []
-        for p in range(len(lengths)):
-            longest = max([lengths[q] for q in group] + [lengths[p]])
-            rows = (len(group) + 1) * len(samples)
-            if group and (rows > MAX_ROWS or rows * (longest + spec.max_new_tokens) > BATCH_TOKENS):
-                batches.append((group, samples))
-                group = []
-            group.append(p)
-        if group:
-            batches.append((group, samples))
+@dataclass(frozen=True)
+class _Start:
+    """What an expert continues: a prompt (or UNPROMPTED), its number for seeds and records, how many samples,
+    and the prompt its records show."""
+
+    text: str
+    index: int
+    samples: int
+    shown: str
+
+
+def _batches(lengths: Sequence[int], samples: Sequence[int], spec: GenerateSpec) -> list[list[tuple[int, range]]]:
+    """(start, sample numbers) pairs decoded together: at most MAX_ROWS rows (a start with more samples than
+    that is cut into runs of MAX_ROWS) and about BATCH_TOKENS padded tokens. An expert's prompts and its
+    unprompted start share a batch when they fit: each batch costs a decoding pass of its own."""
+    runs = [(p, range(k, min(k + MAX_ROWS, n))) for p, n in enumerate(samples) for k in range(0, n, MAX_ROWS)]
+    batches: list[list[tuple[int, range]]] = []
+    group: list[tuple[int, range]] = []
+    for p, run in runs:
+        longest = max(lengths[q] for q, _ in [*group, (p, run)])
+        rows = sum(len(r) for _, r in group) + len(run)
+        if group and (rows > MAX_ROWS or rows * (longest + spec.max_new_tokens) > BATCH_TOKENS):
+            batches.append(group)
+            group = []
+        group.append((p, run))
+    if group:
+        batches.append(group)
     return batches
 
 
-def _write_prompts(
+def _write_starts(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     expert: Expert,
-    prompts: Sequence[str],
-    first: int,
+    starts: Sequence[_Start],
     spec: GenerateSpec,
     advance: Callable[[int], None],
-    unprompted: bool = False,
 ) -> list[Continuation]:
-    """`spec.continuations` continuations of each prompt by the expert in the model; prompt i is numbered
-    first + i (for its seeds and its record). `unprompted`: the prompts are UNPROMPTED starts, recorded as
-    empty prompts (the text is the expert's own from its first token)."""
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    """Each start's samples, written by the expert in the model."""
+    lengths = [len(ids) for ids in tokenizer([start.text for start in starts])["input_ids"]]
     written = []
-    for chosen, samples in _batches(lengths, spec):
-        seeds = [[row_seed(spec.seed, expert.index, first + p, k) for k in samples] for p in chosen]
-        new = continue_batch(model, tokenizer, [prompts[p] for p in chosen], seeds, spec, advance)
-        for p, row_seeds, continuations in zip(chosen, seeds, new, strict=True):
-            shown = "" if unprompted else prompts[p]
-            for k, seed, ids in zip(samples, row_seeds, continuations, strict=True):
+    for batch in _batches(lengths, [start.samples for start in starts], spec):
+        chosen = [(starts[p], run) for p, run in batch]
+        seeds = [[row_seed(spec.seed, expert.index, start.index, k) for k in run] for start, run in chosen]
+        new = continue_batch(model, tokenizer, [start.text for start, _ in chosen], seeds, spec, advance)
+        for (start, run), row_seeds, continuations in zip(chosen, seeds, new, strict=True):
+            for k, seed, ids in zip(run, row_seeds, continuations, strict=True):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                written.append(Continuation(expert.index, first + p, k, shown, text, len(ids), seed))
+                written.append(Continuation(expert.index, start.index, k, start.shown, text, len(ids), seed))
     return written
 
 
@@ -213,16 +221,15 @@ def write_expert_texts(
     num_layers = model.config.num_hidden_layers
     per_expert = [len(group) * spec.continuations + spec.unprompted * bool(group) for group in prompts]
     advance = progress_task(f"experts writing on {model.device.type} (tokens)", sum(per_expert) * spec.max_new_tokens)
-    free = spec.model_copy(update={"continuations": spec.unprompted})
     written: list[Continuation] = []
     for expert, group in zip(experts, prompts, strict=True):
         if not group:
             continue
         use_expert(model, expert, num_layers)
-        written += _write_prompts(model, tokenizer, expert, group, 0, spec, advance)
-        if spec.unprompted:
-            start = [UNPROMPTED]
-            written += _write_prompts(model, tokenizer, expert, start, len(group), free, advance, unprompted=True)
+        starts = [_Start(prompt, p, spec.continuations, prompt) for p, prompt in enumerate(group)]
+        if spec.unprompted:  # recorded with an empty prompt: the text is the expert's own from its first token
+            starts.append(_Start(UNPROMPTED, len(group), spec.unprompted, ""))
+        written += _write_starts(model, tokenizer, expert, starts, spec, advance)
     written.sort(key=lambda row: (row.expert, row.prompt_index, row.sample))
     return written
 

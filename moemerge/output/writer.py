@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import torch
 
+from moemerge.device import one_torch_thread
 from moemerge.digests import Hasher, file_digest, new_hasher
 from moemerge.errors import MoemergeError
 from moemerge.files import SAFETENSORS_INDEX as INDEX_NAME
@@ -161,8 +162,9 @@ def _result(future: Future[torch.Tensor | TensorInfo]) -> torch.Tensor | TensorI
 def _prefetched(jobs: list[tuple[PlannedTensor, Hasher]]) -> Iterator[torch.Tensor | TensorInfo]:
     """Tensors in order, each made (or checked) and hashed on a helper thread while the previous one is
     written: reading, converting, checking and hashing overlap with writing (all release the GIL), at most
-    two tensors are in memory, and one thread hashes every tensor in write order."""
-    pool = ThreadPoolExecutor(max_workers=1)
+    two tensors are in memory, and one thread hashes every tensor in write order. That thread computes on one
+    core: the gate pass runs beside it (moemerge.device.one_torch_thread)."""
+    pool = ThreadPoolExecutor(max_workers=1, initializer=one_torch_thread)
     try:
         pending = pool.submit(_checked, *jobs[0]) if jobs else None
         for following in [*jobs[1:], None]:

@@ -163,7 +163,7 @@ def test_progress_counts_every_token_at_every_step(models):
     assert "tokens" in description
     assert total == (3 * 2 + 2 * 1) * 6
     assert sum(steps) == total
-    assert steps[:6] == [4] * 6  # the first expert's batch: four rows, one call per token step
+    assert steps[:6] == [5] * 6  # the first expert's one batch: its prompts' four rows and its unprompted one
 
 
 def test_an_expert_that_writes_only_special_tokens_is_refused(models):
