@@ -3,8 +3,12 @@ bfloat16 natively; and how a helper thread keeps torch off the cores the gate pa
 
 from __future__ import annotations
 
+import ctypes
+import re
+from functools import cache
+from pathlib import Path
+
 import torch
-from threadpoolctl import threadpool_limits
 
 from moemerge.errors import OptionError
 
@@ -33,4 +37,18 @@ def one_torch_thread() -> None:
     small operations then took 25% longer on two cores (benchmarks/merge_speed.py). OpenMP thread counts are
     per thread; torch sets this thread's at its first use, so that comes first."""
     torch.get_num_threads()
-    threadpool_limits(1, user_api="openmp")
+    for runtime in _openmp_runtimes():
+        runtime.omp_set_num_threads(1)
+
+
+@cache
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """The OpenMP runtimes loaded in this process (torch's among them), from /proc/self/maps; none where there is
+    no such file (not Linux). Not threadpoolctl: it finds libc by running ldconfig, and a process forked from
+    a merge's counts the merge's memory twice until it runs."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ()
+    found = re.findall(r"(/\S*/lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)$", maps, flags=re.MULTILINE)
+    return tuple(ctypes.CDLL(path) for path in sorted(set(found)))

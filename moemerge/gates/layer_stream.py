@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import ctypes.util
 import functools
 import sys
 from collections.abc import Iterator
@@ -39,15 +38,18 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 MMAP_THRESHOLD = 4 * 2**20
 
 
-@functools.cache  # once per process: the setting is process-wide, and find_library runs ldconfig
+@functools.cache  # once per process: the setting is process-wide
 def _return_large_blocks_on_free() -> None:
     """Make glibc serve blocks of 4 MiB and more (layer weights, activations) from mmap, so that freeing them
     returns them to the system. By default the threshold rises with every larger block freed, up to 32 MiB;
     freed layers then stay resident in the heaps of the gate thread and the writer, and the peak RSS varied
     from run to run with thread timing (0.84-1.56 GiB on the 2b base; 0.67-0.73 GiB fixed at 4 MiB, at the
-    same speed; a fixed 128 KiB was as flat and 30% slower). Process-wide, and a no-op without glibc."""
+    same speed; a fixed 128 KiB was as flat and 30% slower). Process-wide, and a no-op without glibc. libc is
+    found among the symbols the process has loaded, not by ctypes.util.find_library: that runs ldconfig, and a
+    child forked from the merge counts the merge's memory twice until it runs (benchmarks/merge_speed.py's
+    process-tree peak caught one)."""
     if sys.platform.startswith("linux"):
-        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
         if mallopt is not None:
             mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 

@@ -26,7 +26,8 @@ from moemerge.gates.router_inputs import RouterInputs, token_counts
 from moemerge.inputs.prompts import split_prompts
 from moemerge.inputs.recipe import TrainingSpec
 
-TOKENS_PER_STEP = 4096
+# A fitting step draws 1/SET_SHARE of the set's tokens, within MIN_TOKENS_PER_STEP..TOKENS_PER_STEP
+TOKENS_PER_STEP, SET_SHARE, MIN_TOKENS_PER_STEP = 4096, 4, 512
 FEATURE_BUDGET = 256 * 2**20  # bytes of one layer's captured router inputs (float32)
 
 
@@ -56,6 +57,14 @@ class TrainingReport:
         return asdict(self)
 
 
+def tokens_per_step(tokens: int) -> int:
+    """How many tokens a fitting step draws from a set of `tokens`: a quarter of it, at least
+    MIN_TOKENS_PER_STEP (or all of a smaller set) and at most TOKENS_PER_STEP. Drawing nearly all of a small
+    set (with replacement) at every step cost four times as long for no better routers: generated gates'
+    few thousand tokens (benchmarks/generated_defaults.py)."""
+    return min(tokens, max(MIN_TOKENS_PER_STEP, min(TOKENS_PER_STEP, tokens // SET_SHARE)))
+
+
 def fit_gates(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -79,7 +88,7 @@ def _fit_layer(
     on_step: Callable[[int], None] | None,
 ) -> torch.Tensor:
     """features [tokens, hidden], labels [tokens] → router weights [experts, hidden]: softmax regression, each
-    step on TOKENS_PER_STEP tokens drawn with replacement, gathered into one reused buffer and scaled there
+    step on tokens_per_step tokens drawn with replacement, gathered into one reused buffer and scaled there
     (a fresh gathered and a fresh scaled copy every step made the fit 3.8 times slower on 5000 tokens)."""
     tokens, hidden = features.shape
     scale = features.norm(dim=-1).mean().clamp_min(1e-6)
@@ -88,7 +97,7 @@ def _fit_layer(
     class_weight = counts.sum() / (num_experts * counts)
     optimizer = torch.optim.AdamW([weight], lr=spec.lr, weight_decay=spec.weight_decay)
     generator = torch.Generator(device=features.device).manual_seed(spec.seed)
-    batch = features.new_empty(min(TOKENS_PER_STEP, tokens), hidden)
+    batch = features.new_empty(tokens_per_step(tokens), hidden)
     for _ in range(spec.steps):
         if on_step:
             on_step(0)

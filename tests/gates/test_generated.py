@@ -330,3 +330,22 @@ def test_the_fitted_routers_are_sharpened(models, tmp_path, monkeypatch):
     assert plain.abs().sum() > 0
     torch.testing.assert_close(sharp[[0, 2]], 2.5 * plain[[0, 2]], rtol=1e-6, atol=0)
     torch.testing.assert_close(sharp[1], plain[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [{}, {"steps": 7}, {"steps": 9, "lr": 0.2}], ids=["defaults", "steps", "both"])
+def test_the_fit_takes_the_modes_defaults_for_what_the_recipe_leaves_out(models, tmp_path, monkeypatch, training):
+    """Generated texts are fitted in 60 steps at lr 0.05 (generated.FIT_DEFAULTS) unless the recipe's training
+    block says otherwise, key by key; the other training keys are the recipe's."""
+    seen = []
+    real_fit = generated.fit_labelled
+    monkeypatch.setattr(
+        generated, "fit_labelled", lambda ctx, *rest: seen.append(ctx.recipe.training) or real_fit(ctx, *rest)
+    )
+    recipe = generated_recipe(tmp_path / "r.yaml", models, [("a", ["q"]), ("z", ["o"])])
+    spec = yaml.safe_load(recipe.read_text())
+    spec["training"] = {**training, "holdout": 0.5}
+    recipe.write_text(yaml.safe_dump(spec))
+    merge(recipe, tmp_path / "out", MergeOptions(device="cpu"))
+    [used] = seen
+    assert (used.steps, used.lr) == (training.get("steps", 60), training.get("lr", 0.05))
+    assert used.holdout == 0.5 and used.weight_decay == 0.01

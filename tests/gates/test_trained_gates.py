@@ -309,3 +309,23 @@ def test_classes_are_weighted_equally_whatever_their_token_counts():
     rows = fit_gates(features, labels, 2, TrainingSpec(steps=300, lr=0.05))
     probabilities = (rows[0] @ vector).softmax(dim=-1)
     assert probabilities[1].item() == pytest.approx(0.5, abs=0.1), probabilities
+
+
+@pytest.mark.parametrize(("tokens", "drawn"), [(100, 100), (1000, 512), (5290, 1322), (40_000, 4096)])
+def test_each_step_draws_a_quarter_of_the_set_within_bounds(monkeypatch, tokens, drawn):
+    """A fitting step draws a quarter of the set's tokens, at least 512 (all of a smaller set) and at most
+    4096: drawing nearly all of a small set at every step costs time and gives no better routers."""
+    from moemerge.gates.trained import fit_gates
+    from moemerge.inputs.recipe import TrainingSpec
+
+    sizes = []
+    real_randint = torch.randint
+
+    def spy(high, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_randint(high, size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", spy)
+    features = torch.randn(1, tokens, 8, generator=torch.Generator().manual_seed(0))
+    fit_gates(features, torch.arange(tokens) % 2, 2, TrainingSpec(steps=3))
+    assert sizes == [(drawn,)] * 3
