@@ -34,18 +34,19 @@ def one_torch_thread() -> None:
     """Make torch compute on one core in the calling thread only (other threads keep theirs). A helper thread
     that runs torch beside the gate pass gets an OpenMP team of its own, and once the process has more OpenMP
     threads than cores, the OpenMP runtime (libgomp) stops spin-waiting in every team: the gate pass's many
-    small operations then took 25% longer on two cores (benchmarks/merge_speed.py). OpenMP thread counts are
-    per thread; torch sets this thread's at its first use, so that comes first."""
+    small operations then took 25% longer on two cores (a generated demo merge: 45 s, and 35 s with this).
+    OpenMP thread counts are per thread; torch sets this thread's at its first use, so that comes first."""
     torch.get_num_threads()
     for runtime in _openmp_runtimes():
-        runtime.omp_set_num_threads(1)
+        if set_threads := getattr(runtime, "omp_set_num_threads", None):
+            set_threads(1)
 
 
 @cache
 def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
     """The OpenMP runtimes loaded in this process (torch's among them), from /proc/self/maps; none where there is
-    no such file (not Linux). Not threadpoolctl: it finds libc by running ldconfig, and a process forked from
-    a merge's counts the merge's memory twice until it runs."""
+    no such file (not Linux). Not threadpoolctl: it finds libc by running ldconfig, and a child forked from a
+    merge counts the merge's memory a second time until it runs ldconfig."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
