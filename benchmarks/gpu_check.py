@@ -6,6 +6,9 @@ Parts, each ending in one summary line (all of them in docs/results/gpu_check.{j
    `--device cpu` and once with `--device DEVICE`; per layer the lowest cosine between the two outputs'
    router rows (pass: >= 0.999), the routing of held-out benchmark texts (examples/texts, the routing_quality
    split; pass: the same top-k experts on every token and layer) and `moemerge verify --deep` of both.
+   Then generated gates, twice on DEVICE from one seed (pass: the same texts and routers both times, and
+   verify --deep), with each domain's held-out top-1 routing accuracy as a figure. They are not compared with
+   the CPU: the experts' sampled texts follow the device's arithmetic.
 2. speed: merge_speed.py on its synthetic bases (random, hidden and trained gates), moemerge against
    mergekit-moe where it is installed: wall, prompts/s, peak RSS and, on cuda, peak GPU memory.
 3. servers (gpu_servers.py): Mixtral, Qwen2-MoE, Qwen2-MoE with moe_layers and Qwen3-MoE outputs of the demo;
@@ -59,7 +62,7 @@ from merge_speed import find_mergekit, write_csv  # noqa: E402
 from routing_quality import heldout  # noqa: E402
 
 from moemerge import MergeOptions, merge  # noqa: E402
-from moemerge.files import CONFIG, read_json_object  # noqa: E402
+from moemerge.files import CONFIG, GENERATED_TEXTS, MANIFEST, read_json_object  # noqa: E402
 from moemerge.formats import format_of_config  # noqa: E402
 from moemerge.tools.routing import load_moe, route  # noqa: E402
 from moemerge.tools.verify import verify  # noqa: E402
@@ -237,8 +240,49 @@ def gates_match(args: argparse.Namespace, sizes: Sizes, budget: Budget) -> Part:
         )
         if budget.left() == 0:
             break
+    if budget.left() > 0:
+        piece, failure, details["generated"] = generated_on_device(args, sizes, base)
+        pieces.append(piece)
+        failures += [failure] if failure else []
     status = "fail" if failures else "pass"
     return Part(1, "gates", status, f"{' vs '.join(sides)}: " + "; ".join(failures or pieces), details)
+
+
+def generated_on_device(args: argparse.Namespace, sizes: Sizes, base: Path) -> tuple[str, str | None, dict]:
+    """generated gates merged twice on args.device from one seed: (summary piece, failure or None, details).
+    Each continuation samples from its own seeded generator, so both merges must write the same texts and
+    the same routers; the held-out texts' top-1 routing accuracy per domain is reported, not judged."""
+    recipe = demo_recipe(args.workdir / "recipes" / "demo-generated.yaml", "generated", sizes, base)
+    outs = [args.workdir / "out" / f"demo-generated-{i}-{args.device}" for i in range(2)]
+    seconds = [merge_timed(recipe, out, args.device) for out in outs]
+    checked = verify(outs[0], deep=True)
+    same_texts = (outs[0] / GENERATED_TEXTS).read_bytes() == (outs[1] / GENERATED_TEXTS).read_bytes()
+    a, b = router_rows(outs[0]), router_rows(outs[1])
+    same_routers = a.keys() == b.keys() and all(torch.equal(a[layer], b[layer]) for layer in a)
+    accuracy = domain_accuracy(outs[0], heldout(sizes.heldout_per_domain), torch.device(args.device))
+    details = {"merge_s": seconds, "verified_tensors": checked, "same_texts": same_texts}
+    details |= {"same_routers": same_routers, "heldout_top1_accuracy": accuracy}
+    shown = ", ".join(f"{domain} {share:.2f}" for domain, share in accuracy.items())
+    piece = (
+        f"generated on {args.device}: the same texts and routers from one seed twice, verify ok, held-out top-1 "
+        f"routing {shown}, merges {' / '.join(f'{s:.1f}' for s in seconds)} s"
+    )
+    failure = None if same_texts and same_routers else "generated: two merges from one seed differ"
+    return piece, failure, details
+
+
+def domain_accuracy(out: Path, labelled: list[tuple[str, int]], device: torch.device) -> dict[str, float]:
+    """Per domain, the share of (token, sparse layer) pairs of its held-out texts whose top-1 expert is the
+    domain's (the demo names its experts after the domains)."""
+    model, tokenizer, _ = load_moe(out, device)
+    names = read_json_object(out / MANIFEST)["expert_names"]
+    hits = {domain: [0, 0] for domain in DOMAINS}
+    for text, label in labelled:
+        top = route(model, tokenizer, text, losses=False).logits.argmax(dim=-1)
+        count = hits[DOMAINS[label]]
+        count[0] += int((top == names.index(DOMAINS[label])).sum())
+        count[1] += top.numel()
+    return {domain: right / max(1, total) for domain, (right, total) in hits.items()}
 
 
 # ---------------------------------------------------------------------------------------------- part 2

@@ -39,6 +39,11 @@ def test_quick_cpu_run_passes_parts_one_and_two_and_skips_the_servers(tmp_path):
         assert set(gates["lowest_cosine_per_layer"]) == {"0", "15", "29"}  # the quick shape's sparse layers
         assert min(gates["lowest_cosine_per_layer"].values()) > 1 - 1e-6  # CPU against CPU: the same rows
         assert gates["routing_differences"] == 0 and gates["routing_compared"] > 0
+    generated = parts[1]["details"]["generated"]
+    assert generated["same_texts"] and generated["same_routers"]  # one seed, one device: the same merge twice
+    assert set(generated["heldout_top1_accuracy"]) == {"python", "legal", "math"}
+    assert all(0 <= share <= 1 for share in generated["heldout_top1_accuracy"].values())
+    assert "generated on cpu" in lines[0]
     rows = {(row["gates"], row["method"]): row for row in parts[2]["details"]["rows"]}
     assert {("random", "moemerge"), ("hidden", "moemerge"), ("trained", "moemerge")} <= rows.keys()
     assert rows[("hidden", "moemerge")]["prompts_per_s"] is None or rows[("hidden", "moemerge")]["prompts_per_s"] > 0
