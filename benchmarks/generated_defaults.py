@@ -1,11 +1,12 @@
 """The `generate:` block's defaults and generated gates' own constants, measured: how many continuations, how
-many unprompted texts, how hot, and how sharp the fitted routers are, on the SmolLM2 demo of
-benchmarks/routing_quality.py.
+many unprompted texts, how hot, how sharp the fitted routers are, and how long the fit runs, on the SmolLM2
+demo of benchmarks/routing_quality.py.
 
 For each seed k (prompt subset k, as routing_quality.py draws them, and generation seed k), each grid point
-is a whole `gate_mode: generated` merge (its `generate:` keys in the recipe, the mode's module constants
-WITH_PROMPT and SHARPNESS patched for the merge), scored on the held-out texts as routing_quality.py scores
-every method: token routing accuracy per domain and perplexity against the oracle.
+is a whole `gate_mode: generated` merge (its `generate:` keys and its fit's `training: {steps, lr}` in the
+recipe, the module constants generated.WITH_PROMPT, generated.SHARPNESS and trained.SET_SHARE patched for the
+merge), scored on the held-out texts as routing_quality.py scores every method: token routing accuracy per
+domain and perplexity against the oracle.
 
     OMP_NUM_THREADS=1 nice python benchmarks/generated_defaults.py --json r.json --markdown r.md
     python benchmarks/generated_defaults.py --points 1,2 --seeds 0    # some points (1-based, table order)
@@ -38,6 +39,7 @@ from routing_quality import (  # noqa: E402
     score_moe,
 )
 
+from moemerge.gates import trained  # noqa: E402
 from moemerge.gates.modes import generated  # noqa: E402
 
 
@@ -51,27 +53,40 @@ class Point:
     unprompted: int = 0
     sharpness: float = 1.0
     with_prompt: bool = True
+    steps: int = 60  # the fit: training.steps and training.lr (generated.FIT_DEFAULTS), and trained.SET_SHARE
+    lr: float = 0.05
+    set_share: int = 4  # a step draws 1/set_share of the set's tokens (1: as many as trained.TOKENS_PER_STEP)
 
     def name(self) -> str:
         prompt = "prompt+continuation" if self.with_prompt else "continuation only"
         return (
             f"{self.continuations} × {self.max_new_tokens} tokens, {self.unprompted} unprompted, "
-            f"T {self.temperature:g}, sharpness {self.sharpness:g}, {prompt}"
+            f"T {self.temperature:g}, sharpness {self.sharpness:g}, {prompt}; "
+            f"fit {self.steps} steps of 1/{self.set_share} of the set, lr {self.lr:g}"
         )
 
 
+# Before the fit's own defaults were measured, every point fitted as trained gates do by default: 300 steps
+# at lr 0.01, each drawing up to 4096 tokens (set_share 1 here).
+OLD_FIT = {"steps": 300, "lr": 0.01, "set_share": 1}
 GRID = [
-    Point(4, 64, 0.9),  # the issue's prototype
-    Point(4, 64, 0.9, unprompted=8),
-    Point(4, 64, 0.9, sharpness=2.0),
-    Point(4, 64, 0.9, unprompted=8, sharpness=2.0),
-    Point(4, 64, 0.9, unprompted=8, sharpness=3.0),
-    Point(4, 64, 0.9, unprompted=16, sharpness=2.0),
+    Point(4, 64, 0.9, **OLD_FIT),  # the issue's prototype
+    Point(4, 64, 0.9, unprompted=8, **OLD_FIT),
+    Point(4, 64, 0.9, sharpness=2.0, **OLD_FIT),
+    Point(4, 64, 0.9, unprompted=8, sharpness=2.0, **OLD_FIT),
+    Point(4, 64, 0.9, unprompted=8, sharpness=3.0, **OLD_FIT),
+    Point(4, 64, 0.9, unprompted=16, sharpness=2.0, **OLD_FIT),
+    Point(4, 64, 0.7, unprompted=8, sharpness=2.0, **OLD_FIT),
+    Point(2, 64, 0.9, unprompted=8, sharpness=2.0, **OLD_FIT),
+    Point(4, 32, 0.9, unprompted=8, sharpness=2.0, **OLD_FIT),
+    Point(4, 64, 0.9, unprompted=8, sharpness=2.0, with_prompt=False, **OLD_FIT),
+    Point(4, 64, 0.5, unprompted=8, sharpness=2.0, **OLD_FIT),
+    Point(4, 64, 0.7, unprompted=8, sharpness=2.0, steps=300, lr=0.01),
+    Point(4, 64, 0.7, unprompted=8, sharpness=2.0, steps=100, lr=0.01),
+    Point(4, 64, 0.7, unprompted=8, sharpness=2.0, steps=100, lr=0.03),
     Point(4, 64, 0.7, unprompted=8, sharpness=2.0),  # the defaults
-    Point(2, 64, 0.9, unprompted=8, sharpness=2.0),
-    Point(4, 32, 0.9, unprompted=8, sharpness=2.0),
-    Point(4, 64, 0.9, unprompted=8, sharpness=2.0, with_prompt=False),
-    Point(4, 64, 0.5, unprompted=8, sharpness=2.0),
+    Point(4, 64, 0.7, unprompted=16, sharpness=2.0),
+    Point(4, 64, 0.7, unprompted=8, sharpness=3.0),
 ]
 TOP_P = 0.95
 
@@ -87,8 +102,13 @@ def run_seed(seed: int, workdir: Path, points: list[Point]) -> list[dict]:
     for point in points:
         keys = {"continuations", "max_new_tokens", "temperature", "unprompted"}
         generate = {**{k: v for k, v in asdict(point).items() if k in keys}, "top_p": TOP_P, "seed": seed}
-        spec = recipe(base, "generated", seed, {"generate": generate})
-        patches = {(generated, "SHARPNESS"): point.sharpness, (generated, "WITH_PROMPT"): point.with_prompt}
+        fit = {"steps": point.steps, "lr": point.lr}
+        spec = recipe(base, "generated", seed, {"generate": generate, "training": fit})
+        patches = {
+            (generated, "SHARPNESS"): point.sharpness,
+            (generated, "WITH_PROMPT"): point.with_prompt,
+            (trained, "SET_SHARE"): point.set_share,
+        }
         merged, seconds = run_moemerge(work, "merged", spec, seed, patches)
         result = {"point": asdict(point), "seed": seed, "merge_seconds": seconds, **score_moe(merged, texts)}
         out.append(result)
