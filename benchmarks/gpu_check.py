@@ -64,6 +64,7 @@ from routing_quality import heldout  # noqa: E402
 from moemerge import MergeOptions, merge  # noqa: E402
 from moemerge.files import CONFIG, GENERATED_TEXTS, MANIFEST, read_json_object  # noqa: E402
 from moemerge.formats import format_of_config  # noqa: E402
+from moemerge.tools.evaluate import evaluate  # noqa: E402
 from moemerge.tools.routing import load_moe, route  # noqa: E402
 from moemerge.tools.verify import verify  # noqa: E402
 
@@ -272,17 +273,11 @@ def generated_on_device(args: argparse.Namespace, sizes: Sizes, base: Path) -> t
 
 
 def domain_accuracy(out: Path, labelled: list[tuple[str, int]], device: torch.device) -> dict[str, float]:
-    """Per domain, the share of (token, sparse layer) pairs of its held-out texts whose top-1 expert is the
-    domain's (the demo names its experts after the domains)."""
+    """Per expert, the top-1 routing accuracy of its domain's held-out texts (`moemerge eval`'s; the demo lists
+    its experts in DOMAINS order, named after them)."""
     model, tokenizer, _ = load_moe(out, device)
     names = read_json_object(out / MANIFEST)["expert_names"]
-    hits = {domain: [0, 0] for domain in DOMAINS}
-    for text, label in labelled:
-        top = route(model, tokenizer, text, losses=False).logits.argmax(dim=-1)
-        count = hits[DOMAINS[label]]
-        count[0] += int((top == names.index(DOMAINS[label])).sum())
-        count[1] += top.numel()
-    return {domain: right / max(1, total) for domain, (right, total) in hits.items()}
+    return dict(zip(names, evaluate(model, tokenizer, names, labelled).accuracy, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- part 2
